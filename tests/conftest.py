@@ -1,0 +1,137 @@
+"""Shared helpers: reference models saved exactly as their libraries publish them, and a Hub cache laid out by hand.
+
+Nothing here reaches the network: every checkpoint is made by the reference library (transformers, timm,
+torchvision) with random weights, then loaded through vit_demo and compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "") -> float:
+    """Asserts max |actual - expected| <= atol and returns that difference; the message prints it."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual.double() - expected.double()).abs().max().item()
+    assert diff <= atol, f"{what}: max abs difference {diff:.3g} > {atol:g}"
+    return diff
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Gives every parameter random values (LayerNorm gains and biases too), so that a misplaced bias,
+    a swapped q/k/v or a wrong eps cannot hide behind an initialisation of ones and zeros."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.02
+            p.copy_(1.0 + 10 * noise if (name.endswith("weight") and p.ndim == 1) else p + noise)
+    return model.eval()
+
+
+@dataclass
+class Reference:
+    """A checkpoint on disk and the reference library's own model and preprocessing for it."""
+
+    path: Path  # a folder laid out like a Hub repo, or a weights file
+    model: torch.nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]  # input -> logits, through the reference model
+    input_size: int
+    in_chans: int = 3
+
+
+def make_transformers(out: Path, size: str = "small", distilled: bool = False, **overrides) -> Reference:
+    """transformers ViTForImageClassification / DeiTForImageClassificationWithTeacher, save_pretrained'd."""
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessor, ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    dims = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8, num_labels=10)
+    if size == "base":
+        dims = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224, patch_size=16, num_labels=1000)
+    dims.update(overrides)
+    cls_config, cls_model, cls_proc = (DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessor) if distilled else (ViTConfig, ViTForImageClassification, ViTImageProcessor)
+    model = randomize_(cls_model(cls_config(**dims)))
+    model.save_pretrained(out)
+    s = dims["image_size"]
+    if distilled:
+        cls_proc(size={"height": s * 8 // 7, "width": s * 8 // 7}, crop_size={"height": s, "width": s}).save_pretrained(out)
+    else:
+        cls_proc(size={"height": s, "width": s}).save_pretrained(out)
+    return Reference(out, model, lambda x: model(pixel_values=x).logits, s, dims.get("num_channels", 3))
+
+
+def make_timm(out: Path, arch: str = "vit_tiny_patch16_224", **kwargs) -> Reference:
+    """A timm model saved with timm's own save_for_hf (config.json with architecture and pretrained_cfg)."""
+    import timm
+    from timm.models import save_for_hf
+
+    model = randomize_(timm.create_model(arch, pretrained=False, **kwargs))
+    save_for_hf(model, str(out), safe_serialization=True)
+    return Reference(out, model, model, model.patch_embed.img_size[0])
+
+
+def make_torchvision(out: Path, size: str = "small", arch: str = "vit_b_16", suffix: str = ".pth") -> Reference:
+    """A torchvision VisionTransformer's state dict, saved as torchvision publishes it (a .pth file)."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    if size == "small":
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=128, mlp_dim=256, num_classes=10)
+    else:
+        model = getattr(torchvision.models, arch)(weights=None)
+    randomize_(model)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{arch}{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    else:
+        torch.save(model.state_dict(), path)
+    return Reference(path, model, model, model.image_size)
+
+
+def lay_out_hub_cache(hf_home: Path, repo_id: str, folder: Path) -> str:
+    """Puts a folder's files into a Hugging Face cache as a download of `repo_id` would; returns the commit hash.
+
+        $HF_HOME/hub/models--ORG--NAME/snapshots/<sha>/<files>,  refs/main -> <sha>
+    """
+    sha = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo_dir = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / sha
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        shutil.copy(f, snapshot / f.name)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(sha)
+    return sha
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache in tmp_path, with HF_HUB_OFFLINE=1 for this process."""
+    from huggingface_hub import constants
+
+    hf_home = tmp_path / "hf_home"
+    (hf_home / "hub").mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hf_home
+
+
+@pytest.fixture(scope="session")
+def photo():
+    from PIL import Image
+
+    return Image.open(EXAMPLES / "chelsea.jpg").convert("RGB")

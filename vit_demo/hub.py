@@ -1,0 +1,229 @@
+"""Find, download and read ViT checkpoints: a Hub repo id, a local folder laid out like one, or one file.
+
+Downloads go through huggingface_hub, the local cache first: a cached model loads with no network at all,
+and when the Hub cannot be reached the failure comes back at once instead of after huggingface_hub's
+retries. Weights are read with safetensors, or from pickles only through `torch.load(weights_only=True)`,
+which refuses anything but tensors; nothing from a download is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    HTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from . import convert, preprocess
+from .model import ViTConfig
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt")
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
+METADATA_FILES = ("config.json", "preprocessor_config.json")
+HUB_TIMEOUT = 10.0  # seconds for the one metadata request that tells whether the Hub answers
+SUPPORTED = (
+    "transformers ViT/DeiT (google/vit-*, facebook/deit-*), timm vision_transformer/deit (timm/vit_*, timm/deit_*) "
+    "and torchvision vit_* state dicts"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint could not be found, read or understood. The message says what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint converted to vit_demo's names, with everything needed to use it."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: ViTConfig
+    preprocess: preprocess.PreprocessConfig
+    labels: list[str]
+    format: str  # "transformers", "timm" or "torchvision"
+    name: str
+
+
+def load_checkpoint(source: str | os.PathLike, revision: str | None = None) -> Checkpoint:
+    """Reads a checkpoint from a Hub repo id, a local folder or a weights file, in any supported format.
+
+    Args:
+        source: "google/vit-base-patch16-224", "./my-vit/" or "vit_b_16.pth".
+        revision: branch, tag or commit of a Hub repo.
+    Raises:
+        ModelLoadError: with a one-sentence message for the user.
+    """
+    weights, meta = locate(source, revision)
+    config = meta.get("config.json") or {}
+    _check_is_vit(config, source)
+    sd = read_weights(weights)
+    try:
+        sd, cfg, fmt = convert.convert(sd, config)
+    except convert.ConversionError as e:
+        raise ModelLoadError(f"{source}: {e} Supported: {SUPPORTED}.") from e
+    labels = _labels(config, cfg.num_classes)
+    if fmt == "transformers":
+        pp = preprocess.from_transformers(meta.get("preprocessor_config.json") or {})
+    elif fmt == "timm":
+        pp = preprocess.from_timm(config.get("pretrained_cfg") or {})
+    else:
+        pp = preprocess.torchvision_default(cfg.img_size)
+    if cfg.in_chans == 1:
+        pp.mode, pp.mean, pp.std = "L", pp.mean[:1], pp.std[:1]
+    return Checkpoint(sd, cfg, pp, labels, fmt, str(source))
+
+
+def locate(source: str | os.PathLike, revision: str | None = None) -> tuple[Path, dict[str, dict]]:
+    """Finds the weights file and reads the JSON metadata next to it.
+
+    Returns:
+        (path of the weights file, {"config.json": dict, "preprocessor_config.json": dict} for those present).
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path, {}
+    if path.is_dir():
+        files = {p.name: p for p in path.iterdir() if p.is_file()}
+        weights = _pick_weights(files, str(source))
+        return files[weights], {n: _read_json(files[n]) for n in METADATA_FILES if n in files}
+    s = str(source)
+    if s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith((".safetensors",) + PICKLE_SUFFIXES):
+        raise ModelLoadError(f"No file or folder at {source}: check the path.")
+    return _from_hub(str(source), revision)
+
+
+def _from_hub(repo_id: str, revision: str | None) -> tuple[Path, dict[str, dict]]:
+    try:
+        return _from_cache(repo_id, revision)
+    except LocalEntryNotFoundError:
+        pass
+    except HFValidationError as e:
+        raise ModelLoadError(f"'{repo_id}' is neither a local path nor a valid Hub model id: check the spelling.") from e
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(
+            f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+            "download it once with a network connection, or pass a local folder."
+        )
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT)
+        files = {s.rfilename: None for s in info.siblings or []}
+        weights = _pick_weights(files, repo_id)
+        path = Path(hf_hub_download(repo_id, weights, revision=info.sha))
+        meta = {n: _read_json(Path(hf_hub_download(repo_id, n, revision=info.sha))) for n in METADATA_FILES if n in files}
+        return path, meta
+    except GatedRepoError as e:
+        raise ModelLoadError(
+            f"{repo_id} is a gated model: accept its terms on its Hub page, then set HF_TOKEN to a token of that account."
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise ModelLoadError(
+            f"No model {repo_id} was found on the Hugging Face Hub: check the id, or set HF_TOKEN if it is private."
+        ) from e
+    except RevisionNotFoundError as e:
+        raise ModelLoadError(f"{repo_id} has no revision '{revision}': check the branch, tag or commit.") from e
+    except (HTTPError, OSError) as e:
+        raise ModelLoadError(
+            f"The Hugging Face Hub could not be reached to download {repo_id} ({type(e).__name__}): "
+            "check the network, or use a model that is cached or in a local folder."
+        ) from e
+
+
+def _from_cache(repo_id: str, revision: str | None) -> tuple[Path, dict[str, dict]]:
+    """The repo's files from the local Hugging Face cache; LocalEntryNotFoundError when absent."""
+    for name in WEIGHT_FILES:
+        try:
+            path = Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=True))
+        except (LocalEntryNotFoundError, EntryNotFoundError):
+            continue
+        meta = {}
+        for n in METADATA_FILES:
+            try:
+                meta[n] = _read_json(Path(hf_hub_download(repo_id, n, revision=revision, local_files_only=True)))
+            except (LocalEntryNotFoundError, EntryNotFoundError):
+                pass
+        return path, meta
+    raise LocalEntryNotFoundError(f"{repo_id} is not cached")
+
+
+def _pick_weights(files, where: str) -> str:
+    for name in WEIGHT_FILES:
+        if name in files:
+            return name
+    candidates = sorted(n for n in files if n.endswith((".safetensors",) + PICKLE_SUFFIXES))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ModelLoadError(f"{where} holds no weights file (model.safetensors or pytorch_model.bin): supported are {SUPPORTED}.")
+    raise ModelLoadError(f"{where} holds several weights files ({', '.join(candidates)}): pass the path of one of them.")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path.name} is not valid JSON: download the model again or fix the file.") from e
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a pickle read with weights_only=True (tensors and plain containers only)."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelLoadError(f"{path.name} is not a readable safetensors file (it may be truncated): download it again.") from e
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(
+            f"{path.name} contains more than tensors (objects or code) and was refused: use a safetensors file."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ModelLoadError(f"{path.name} is not a readable PyTorch weights file: download it again.") from e
+    for key in ("state_dict", "model", "model_state_dict"):  # common training-checkpoint wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelLoadError(f"{path.name} is not a state dict of tensors: save the model's state_dict() instead.")
+    return sd
+
+
+def _check_is_vit(config: dict, source) -> None:
+    model_type = config.get("model_type")
+    arch = config.get("architecture", "")
+    if model_type is not None and model_type not in ("vit", "deit"):
+        raise ModelLoadError(f"{source} is a '{model_type}' model, not a ViT: vit_demo reads {SUPPORTED}.")
+    if arch and not arch.startswith(("vit_", "deit_")):
+        raise ModelLoadError(f"{source} is a timm '{arch}', not a ViT: vit_demo reads {SUPPORTED}.")
+
+
+def _labels(config: dict, num_classes: int) -> list[str]:
+    """id2label from the config; ImageNet-1k names for 1000 classes without any; class_N otherwise."""
+    id2label = config.get("id2label") or {}
+    names = config.get("label_names")  # timm
+    if names and len(names) == num_classes:
+        return list(names)
+    if len(id2label) == num_classes and not all(str(v).startswith("LABEL_") for v in id2label.values()):
+        return [str(id2label.get(str(i), id2label.get(i, f"class_{i}"))) for i in range(num_classes)]
+    if num_classes == 1000:
+        return imagenet_classes()
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class names, in index order (from torchvision's metadata; no download)."""
+    from torchvision.models import ViT_B_16_Weights
+
+    return list(ViT_B_16_Weights.IMAGENET1K_V1.meta["categories"])

@@ -1,0 +1,209 @@
+"""The Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words"), from scratch.
+
+Read it next to the paper: an image is cut into patches, each patch becomes a token, a class token
+(and, for distilled DeiT, a distillation token) is prepended, learned position embeddings are added,
+and a stack of pre-norm transformer blocks mixes the tokens. The class token's final state is the
+image's representation.
+
+Parameter names are timm's (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.attn.qkv`, ...):
+they are a compatibility contract, so timm checkpoints load strictly with no renaming, and every
+other format is converted into them by `vit_demo.convert`. This file does no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The standard sizes (Dosovitskiy et al. table 1; Touvron et al. for tiny/small), by name.
+VARIANTS = {
+    "Ti": dict(embed_dim=192, depth=12, num_heads=3, mlp_dim=768),
+    "S": dict(embed_dim=384, depth=12, num_heads=6, mlp_dim=1536),
+    "M": dict(embed_dim=512, depth=12, num_heads=8, mlp_dim=2048),
+    "B": dict(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "H": dict(embed_dim=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+
+
+@dataclass
+class ViTConfig:
+    img_size: int = 224  # side of the square input the position embeddings were learned for
+    patch_size: int = 16  # side of each square patch; the grid is img_size // patch_size per side
+    in_chans: int = 3  # 3 for RGB, 1 for grayscale
+    num_classes: int = 1000  # rows of the classification head
+    embed_dim: int = 768  # width of every token
+    depth: int = 12  # number of transformer blocks
+    num_heads: int = 12  # attention heads per block; embed_dim must divide evenly
+    mlp_dim: int = 3072  # hidden width of each block's MLP
+    qkv_bias: bool = True  # whether the q/k/v projection has a bias
+    layer_norm_eps: float = 1e-6  # timm/torchvision use 1e-6, transformers' configs 1e-12
+    gelu_approximate: str = "none"  # "none" (exact erf GELU) or "tanh"
+    distilled: bool = False  # DeiT: a second prefix token and head, averaged at inference
+    global_pool: str = "token"  # "token": class token's state; "avg": mean of the patch tokens
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 2 if self.distilled else 1
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+
+class PatchEmbed(nn.Module):
+    """Cuts the image into non-overlapping patches and projects each to a token (a strided conv)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, C, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, C)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        assert cfg.embed_dim % cfg.num_heads == 0, "embed_dim must be divisible by num_heads"
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.embed_dim // cfg.num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+        if return_attn:
+            # The explicit path: the same math, with the probabilities kept for explanations.
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            attn = attn.softmax(dim=-1)
+            x = attn @ v  # (B, heads, N, head_dim)
+        else:
+            attn = None
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return self.proj(x), attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_dim)
+        self.act = nn.GELU(approximate=cfg.gelu_approximate)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg)
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False):
+        y, attn = self.attn(self.norm1(x), return_attn)
+        x = x + y
+        x = x + self.mlp(self.norm2(x))
+        return x, attn
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
+    """Resizes the patch part of learned position embeddings to another grid, bicubically.
+
+    Args:
+        pos_embed: (1, num_prefix + gh * gw, C), the grid square.
+        new_grid: (new_gh, new_gw).
+        num_prefix: leading class/distillation positions, kept as they are.
+    Returns:
+        (1, num_prefix + new_gh * new_gw, C).
+    """
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    old = int(math.sqrt(grid.shape[1]))
+    if (old, old) == tuple(new_grid):
+        return pos_embed
+    C = grid.shape[-1]
+    grid = grid.reshape(1, old, old, C).permute(0, 3, 1, 2)  # (1, C, gh, gw)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, C)  # (1, new_gh * new_gw, C)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.grid_size**2, D))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        # timm's naming: the final LayerNorm is `norm` for token pooling and `fc_norm` after avg pooling.
+        avg = cfg.global_pool == "avg"
+        self.norm = nn.Identity() if avg else nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.fc_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if avg else nn.Identity()
+        self.head = nn.Linear(D, cfg.num_classes)
+        self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.distilled else None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """ViT's initialisation: truncated normal (std 0.02) for tokens, embeddings and linears."""
+        for p in (self.cls_token, self.dist_token, self.pos_embed):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) -> tokens (B, prefix + N, C) with position embeddings added."""
+        B, _, H, W = x.shape
+        p = self.cfg.patch_size
+        x = self.patch_embed(x)  # (B, N, C)
+        prefix = [self.cls_token.expand(B, -1, -1)]
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(B, -1, -1))
+        x = torch.cat(prefix + [x], dim=1)  # (B, prefix + N, C)
+        pos = resample_pos_embed(self.pos_embed, (H // p, W // p), self.cfg.num_prefix_tokens)
+        return x + pos
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False):
+        """Classifies a batch of images.
+
+        Args:
+            x: (B, in_chans, H, W), normalised as the checkpoint expects. H and W need not be
+               img_size: the position embeddings are resampled to the new grid.
+            return_attn: also return every layer's attention probabilities.
+        Returns:
+            logits (B, num_classes), or (logits, attns) where attns is a list of depth tensors
+            (B, heads, prefix + N, prefix + N) whose rows sum to 1.
+        """
+        x = self.embed(x)
+        attns = []
+        for blk in self.blocks:
+            x, attn = blk(x, return_attn)
+            attns.append(attn)
+        x = self.norm(x)
+        if self.cfg.global_pool == "avg":
+            logits = self.head(self.fc_norm(x[:, self.cfg.num_prefix_tokens :].mean(dim=1)))
+        elif self.head_dist is not None:
+            # DeiT distilled: the class head and the distillation head, averaged.
+            logits = (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+        else:
+            logits = self.head(x[:, 0])
+        return (logits, attns) if return_attn else logits
