@@ -158,6 +158,7 @@ def from_transformers(sd: StateDict, hf_config: dict) -> tuple[StateDict, ViTCon
         num_heads=hf_config.get("num_attention_heads", 12),
         layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12),
         gelu_approximate="none" if act == "gelu" else "tanh",
+        pos_embed_antialias=False,
     )
     return sd, cfg
 

@@ -45,6 +45,9 @@ class ViTConfig:
     gelu_approximate: str = "none"  # "none" (exact erf GELU) or "tanh"
     distilled: bool = False  # DeiT: a second prefix token and head, averaged at inference
     global_pool: str = "token"  # "token": class token's state; "avg": mean of the patch tokens
+    # How position embeddings are resized for other input sizes: timm resamples with antialiasing,
+    # transformers without (for upsampling the two use different bicubic kernels).
+    pos_embed_antialias: bool = True
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -121,13 +124,14 @@ class Block(nn.Module):
         return x, attn
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix: int) -> torch.Tensor:
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix: int, antialias: bool = True) -> torch.Tensor:
     """Resizes the patch part of learned position embeddings to another grid, bicubically.
 
     Args:
         pos_embed: (1, num_prefix + gh * gw, C), the grid square.
         new_grid: (new_gh, new_gw).
         num_prefix: leading class/distillation positions, kept as they are.
+        antialias: F.interpolate's antialias (timm: True; transformers: False).
     Returns:
         (1, num_prefix + new_gh * new_gw, C).
     """
@@ -137,7 +141,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_p
         return pos_embed
     C = grid.shape[-1]
     grid = grid.reshape(1, old, old, C).permute(0, 3, 1, 2)  # (1, C, gh, gw)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", antialias=True, align_corners=False)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", antialias=antialias, align_corners=False)
     grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, C)  # (1, new_gh * new_gw, C)
     return torch.cat([prefix, grid], dim=1)
 
@@ -179,7 +183,7 @@ class VisionTransformer(nn.Module):
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(B, -1, -1))
         x = torch.cat(prefix + [x], dim=1)  # (B, prefix + N, C)
-        pos = resample_pos_embed(self.pos_embed, (H // p, W // p), self.cfg.num_prefix_tokens)
+        pos = resample_pos_embed(self.pos_embed, (H // p, W // p), self.cfg.num_prefix_tokens, self.cfg.pos_embed_antialias)
         return x + pos
 
     def forward(self, x: torch.Tensor, return_attn: bool = False):

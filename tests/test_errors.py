@@ -1,0 +1,142 @@
+"""Every way a checkpoint can fail to load gives one ModelLoadError whose message says what to do."""
+
+import http.server
+import pickle
+import threading
+import time
+
+import pytest
+import torch
+from huggingface_hub import constants
+
+from conftest import make_timm, make_transformers
+from vit_demo import ModelLoadError, load_classifier
+
+
+@pytest.fixture
+def empty_online_cache(tmp_path, monkeypatch):
+    """No cached models and HF_HUB_OFFLINE off: every load goes to the Hub endpoint."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, empty_online_cache):
+    """A local HTTP server answering like the Hub does for missing and gated repos (X-Error-Code headers)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            gated = "gated" in self.path
+            self.send_response(403 if gated else 404)
+            self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "no"}')
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    yield server
+    server.shutdown()
+
+
+def _error(source, **kw) -> str:
+    with pytest.raises(ModelLoadError) as info:
+        load_classifier(source, device="cpu", **kw)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_missing_repo_on_the_hub(fake_hub):
+    assert "No model someone/no-such-vit was found on the Hugging Face Hub" in _error("someone/no-such-vit")
+
+
+def test_gated_repo_without_token(fake_hub):
+    message = _error("someone/gated-vit")
+    assert "gated" in message and "HF_TOKEN" in message
+
+
+def test_unreachable_hub_fails_fast(monkeypatch, empty_online_cache):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    message = _error("google/vit-base-patch16-224")
+    elapsed = time.monotonic() - start
+    assert "could not be reached" in message
+    assert elapsed < 5, f"took {elapsed:.1f} s: huggingface_hub's retries were not avoided"
+
+
+def test_not_cached_while_offline(offline_hub):
+    assert "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in _error("google/vit-base-patch16-224")
+
+
+def test_missing_local_path(tmp_path):
+    assert "No file or folder" in _error(str(tmp_path / "nowhere" / "model"))
+    assert "No file or folder" in _error("./missing.safetensors")
+
+
+def test_folder_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert "holds no weights file" in _error(tmp_path)
+
+
+def test_not_a_vit_resnet(tmp_path):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)).save_pretrained(tmp_path)
+    assert "is a 'resnet' model, not a ViT" in _error(tmp_path)
+
+
+def test_not_a_vit_timm_resnet(tmp_path):
+    import timm
+    from timm.models import save_for_hf
+
+    save_for_hf(timm.create_model("resnet10t", pretrained=False, num_classes=3), str(tmp_path), safe_serialization=True)
+    assert "not a ViT" in _error(tmp_path)
+
+
+def test_weights_of_something_else(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"conv1.weight": torch.zeros(8, 3, 3, 3)}, str(tmp_path / "model.safetensors"))
+    assert "not a ViT in any supported format" in _error(tmp_path)
+
+
+def test_corrupt_safetensors(tmp_path):
+    ref = make_transformers(tmp_path, "small")
+    data = (ref.path / "model.safetensors").read_bytes()
+    (ref.path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert "not a readable safetensors file" in _error(ref.path)
+
+
+def test_shapes_that_do_not_fit(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = make_timm(tmp_path, "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    sd = load_file(str(ref.path / "model.safetensors"))
+    sd["blocks.1.mlp.fc1.weight"] = torch.zeros(100, 192)
+    save_file(sd, str(ref.path / "model.safetensors"))
+    assert "do not fit together as a ViT" in _error(ref.path)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickle_that_carries_code_is_refused(tmp_path, capsys):
+    path = tmp_path / "vit_b_16.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"class_token": Payload()}, f)
+    assert "was refused" in _error(path)
+    assert "this must never run" not in capsys.readouterr().out
