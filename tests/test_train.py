@@ -1,0 +1,79 @@
+"""The bundled model: training runs end to end, and the shipped checkpoint is accurate and loads in transformers."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_close
+from vit_demo import load_classifier
+from vit_demo.registry import BUNDLED
+from vit_demo.train import CLASSES, DATA_DIR, load_split, normalize
+
+if not (DATA_DIR / "t10k-images-idx3-ubyte.gz").exists():
+    pytest.fail(f"Fashion-MNIST is missing from {DATA_DIR}: apt-get install dataset-fashion-mnist", pytrace=False)
+
+
+def test_short_training_run_end_to_end(tmp_path):
+    """`python -m vit_demo train` on 3,000 images: the loss falls, and the folder loads in vit_demo and transformers."""
+    out = tmp_path / "fm"
+    cmd = [sys.executable, "-m", "vit_demo", "train", "--epochs", "3", "--subset", "3000", "--val-size", "1000",
+           "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--mlp-dim", "64", "--lr", "0.003", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    losses = [float(x) for x in re.findall(r"epoch \d+: train loss ([0-9.]+)", run.stdout + run.stderr)]
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.1, losses
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"}
+    clf = load_classifier(out, device="cpu")
+    assert clf.labels == CLASSES and clf.config.in_chans == 1
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    assert (Path(BUNDLED) / "model.safetensors").exists(), f"the bundled model is missing from {BUNDLED}"
+    return load_classifier(BUNDLED, device="cpu")
+
+
+def test_bundled_model_is_small_and_documented(bundled):
+    size = sum(f.stat().st_size for f in Path(BUNDLED).iterdir())
+    assert size <= 10 * 1024 * 1024, f"{size / 1e6:.1f} MB"
+    card = (Path(BUNDLED) / "README.md").read_text()
+    assert card.startswith("---\n") and "license: mit" in card and "Test accuracy" in card
+
+
+def test_bundled_model_test_accuracy(bundled):
+    """All 10,000 test images through the served path (PIL image -> preprocess -> model): at least 93%."""
+    from PIL import Image
+
+    images, labels = load_split(DATA_DIR, "t10k")
+    x = torch.cat([bundled.preprocess(Image.fromarray(im[0].numpy())) for im in images])
+    assert_close(x[:100], normalize(images[:100]), 1e-5, "served preprocessing vs training normalisation")
+    with torch.inference_mode():
+        pred = torch.cat([bundled.model(x[i : i + 1000]).argmax(-1) for i in range(0, len(x), 1000)])
+    acc = (pred == labels).float().mean().item()
+    print(f"bundled model test accuracy: {acc:.4f}")
+    assert acc >= 0.93, f"test accuracy {acc:.4f}"
+
+
+def test_bundled_model_loads_in_transformers_with_same_logits(bundled):
+    from transformers import ViTForImageClassification
+
+    ref = ViTForImageClassification.from_pretrained(BUNDLED).eval()
+    x = normalize(load_split(DATA_DIR, "t10k")[0][:16])
+    with torch.no_grad():
+        assert_close(bundled.model(x), ref(pixel_values=x).logits, 1e-4, "transformers vs vit_demo")
+    assert [ref.config.id2label[i] for i in range(10)] == CLASSES
+
+
+def test_photo_is_made_light_on_dark(bundled):
+    """A dark object on a light ground (a photo) is inverted, as Fashion-MNIST objects are light on black."""
+    from PIL import Image, ImageDraw
+
+    photo = Image.new("RGB", (300, 200), "white")
+    ImageDraw.Draw(photo).rectangle((100, 40, 200, 160), fill="black")
+    crop = bundled.preprocessor.crop(photo)  # uint8 (1, 28, 28)
+    assert crop.shape == (1, 28, 28)
+    assert crop[0, 14, 14] > 200 and crop[0, 1, 1] < 30
