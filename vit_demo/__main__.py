@@ -47,7 +47,7 @@ def explain(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .explain import HEAD_FUSIONS, METHODS
+    from .explain import DEFAULT_DISCARD_RATIO, HEAD_FUSIONS, METHODS
 
     parser = argparse.ArgumentParser(prog="python -m vit_demo", description="Classify images with a Vision Transformer and see where it looked.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layer", type=int, default=-1)
     p.add_argument("--head", type=int, default=None)
     p.add_argument("--head-fusion", choices=HEAD_FUSIONS, default="mean")
-    p.add_argument("--discard-ratio", type=float, default=0.0)
+    p.add_argument("--discard-ratio", type=float, default=DEFAULT_DISCARD_RATIO)
     p.add_argument("--alpha", type=float, default=0.6)
     p.add_argument("--out", required=True, metavar="FILE.png")
     common(p)

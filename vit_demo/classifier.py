@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -54,22 +57,54 @@ class Classifier:
         self.preprocessor = Preprocessor(checkpoint.preprocess)
         self.name = checkpoint.name
         self.format = checkpoint.format
+        # Work kept per caller-given key (the app uses the upload's content-addressed path): the crop from
+        # predict, then the attention maps, so /explain after /classify and every slider move reuse them.
+        self._memo: OrderedDict[str, dict] = OrderedDict()
+        self._memo_lock = threading.Lock()
+        self.memo_size = 4
+
+    def _remember(self, key, **work) -> None:
+        if key is None:
+            return
+        with self._memo_lock:
+            self._memo.setdefault(key, {}).update(work)
+            self._memo.move_to_end(key)
+            while len(self._memo) > self.memo_size:
+                self._memo.popitem(last=False)
+
+    def _recall(self, key) -> dict:
+        with self._memo_lock:
+            return dict(self._memo.get(key, {})) if key is not None else {}
+
+    def crop(self, image: Image.Image | str | Path, key: str | None = None) -> torch.Tensor:
+        """The pixels the model sees, uint8 (C, H, W); `image` may be a path, opened only if `key` is new."""
+        crop = self._recall(key).get("crop")
+        if crop is None:
+            if isinstance(image, (str, Path)):
+                with Image.open(image) as im:
+                    crop = self.preprocessor.crop(im)
+            else:
+                crop = self.preprocessor.crop(image)
+            self._remember(key, crop=crop)
+        return crop
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> normalised input (1, C, H, W) on the CPU, exactly as the checkpoint was trained."""
         return self.preprocessor(image)
 
     @torch.inference_mode()
-    def predict(self, image: Image.Image, k: int = 5) -> list[tuple[str, float]]:
+    def predict(self, image: Image.Image | str | Path, k: int = 5, key: str | None = None) -> list[tuple[str, float]]:
         """Top-k classes of one image.
 
         Args:
-            image: any PIL image; it is put upright (EXIF) and converted to the model's mode.
+            image: a PIL image or its path; it is put upright (EXIF) and converted to the model's mode.
             k: how many classes to return (at most the number of classes).
+            key: names this image's content, so that a later `attention(..., key)` reuses the preprocessing.
         Returns:
             [(label, probability), ...], best first.
         """
-        logits = self.model(self.preprocess(image).to(self.device))
+        x = self.preprocessor.normalize(self.crop(image, key))
+        logits = self.model(x.to(self.device))
         return self.top_k(logits[0], k)
 
     def top_k(self, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
@@ -78,15 +113,20 @@ class Classifier:
         return [(self.labels[i], float(p)) for p, i in zip(values.tolist(), indices.tolist())]
 
     @torch.inference_mode()
-    def attention(self, image: Image.Image) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Runs the explicit attention path once.
+    def attention(self, image: Image.Image | str | Path, key: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Runs the explicit attention path (once per `key`).
 
         Returns:
             (crop the model saw, uint8 (C, H, W); every layer's attention (heads, N, N) on the CPU; logits (num_classes,)).
         """
-        crop = self.preprocessor.crop(image)
+        done = self._recall(key).get("attention")
+        if done is not None:
+            return done
+        crop = self.crop(image, key)
         logits, attns = self.model(self.preprocessor.normalize(crop).to(self.device), return_attn=True)
-        return crop, [a[0].float().cpu() for a in attns], logits[0].float().cpu()
+        done = crop, [a[0].float().cpu() for a in attns], logits[0].float().cpu()
+        self._remember(key, attention=done)
+        return done
 
     def explain(self, image: Image.Image, method: str = "rollout", **kwargs) -> Image.Image:
         """Where the model looked, drawn over the crop it saw.

@@ -16,6 +16,7 @@ from PIL import Image
 
 METHODS = ("rollout", "attention", "heads")
 HEAD_FUSIONS = ("mean", "max", "min")
+DEFAULT_DISCARD_RATIO = 0.9  # for drawing: dropping the weakest 90% of attention gives crisper rollout maps
 
 # The "inferno" colormap at five stops (dark purple -> yellow), interpolated linearly.
 _INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
@@ -145,7 +146,7 @@ def render(
     layer: int = -1,
     head: int | None = None,
     head_fusion: str = "mean",
-    discard_ratio: float = 0.0,
+    discard_ratio: float = DEFAULT_DISCARD_RATIO,
     alpha: float = 0.6,
 ) -> Image.Image:
     """One explanation, drawn: "rollout", "attention" (class token, one layer, one head or the mean) or

@@ -87,7 +87,11 @@ class Registry:
             with self._lock:
                 if name in self._loaded:
                     return self._loaded[name]
-            clf = load_classifier(BUNDLED if name == BUNDLED_NAME else name, device=self.device)
+            try:
+                clf = load_classifier(BUNDLED if name == BUNDLED_NAME else name, device=self.device)
+            finally:
+                with self._lock:
+                    self._loading.pop(name, None)
             with self._lock:
                 self._loaded[name] = clf
                 while len(self._loaded) > self.capacity:

@@ -8,23 +8,21 @@ works.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
 import time
-from collections import OrderedDict
+import warnings
 
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
-from .explain import HEAD_FUSIONS, render
+from .explain import DEFAULT_DISCARD_RATIO, HEAD_FUSIONS, render
 from .hub import ModelLoadError
 from .registry import BUNDLED_NAME, Registry, bundled_available
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 METHOD_CHOICES = [("Attention rollout", "rollout"), ("Class-token attention (one layer)", "attention"), ("All heads of one layer", "heads")]
 MAX_FILE_SIZE = "20mb"
-Image.MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused before decoding
+MAX_MEGAPIXELS = 40  # larger images are refused from their header, before decoding
 
 try:  # On Hugging Face ZeroGPU hardware, inference runs under spaces.GPU; elsewhere this changes nothing.
     import spaces
@@ -49,6 +47,9 @@ JS = """
 LAUNCH_KWARGS = dict(css=CSS, js=JS, theme=gr.themes.Soft(), max_file_size=MAX_FILE_SIZE)
 
 
+Image.MAX_IMAGE_PIXELS = MAX_MEGAPIXELS * 1_000_000
+
+
 class PhotoInput(gr.Image):
     """gr.Image that turns an unreadable upload into a message for the visitor instead of a stack trace."""
 
@@ -57,37 +58,13 @@ class PhotoInput(gr.Image):
 
     def preprocess(self, payload):
         try:
-            return super().preprocess(payload)
-        except Image.DecompressionBombError as e:
-            raise gr.Error(f"This image is too large ({e.args[0].split('(')[1].split(')')[0]}): use one under 64 megapixels.") from e
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return super().preprocess(payload)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise gr.Error(f"This image has more than {MAX_MEGAPIXELS} megapixels: scale it down and try again.") from e
         except (UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
             raise gr.Error("This file could not be read as an image: upload a JPEG, PNG, WebP, BMP, GIF or TIFF photo.") from e
-
-
-class AttentionCache:
-    """The last few images' attention maps, so /explain after /classify (or a slider move) reuses them."""
-
-    def __init__(self, capacity: int = 8):
-        self.capacity = capacity
-        self._items: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        return None
-
-    def put(self, key, value) -> None:
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-
-
-def _fingerprint(image: Image.Image) -> str:
-    return hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() + f"{image.size}{image.mode}"
 
 
 def start_registry(registry: Registry) -> tuple[Registry, str]:
@@ -101,8 +78,11 @@ def start_registry(registry: Registry) -> tuple[Registry, str]:
         failed = registry.default
         registry.default = BUNDLED_NAME
         registry.choices = list(dict.fromkeys([BUNDLED_NAME] + registry.choices))
-        registry.get(BUNDLED_NAME)
-        return registry, f"⚠️ {failed} could not be loaded ({reason}) Serving the bundled offline model (Fashion-MNIST) instead."
+        try:
+            registry.get(BUNDLED_NAME)
+            return registry, f"⚠️ {failed} could not be loaded ({reason}) Serving the bundled offline model (Fashion-MNIST) instead."
+        except ModelLoadError as e:
+            reason += f" The bundled model failed too: {e}"
     return registry, (
         f"⚠️ {registry.default} could not be loaded ({reason}) No offline model is bundled: set VIT_DEMO_MODEL to a local "
         "folder holding a ViT checkpoint (config.json and model.safetensors) and restart."
@@ -112,7 +92,6 @@ def start_registry(registry: Registry) -> tuple[Registry, str]:
 def build_demo(registry: Registry | None = None) -> gr.Blocks:
     """Builds the page. `registry` defaults to the models named by the environment (see registry.py)."""
     registry, notice = start_registry(registry or Registry.from_env())
-    cache = AttentionCache()
     default = registry.default
     try:
         cfg = registry.get(default).config
@@ -131,39 +110,43 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
             raise gr.Error("No image yet: upload a photo, take one with the webcam, paste one, or pick an example.")
         return image
 
+    def unreadable(e: Exception):
+        return gr.Error("This file could not be read as an image (it may be truncated or damaged): try another file.")
+
     @gpu
-    def classify(image: Image.Image, top_k: int = 5, model: str = default):
+    def classify(image: str, top_k: int = 5, model: str = default):
         """Top-k classes of an image. Returns the probabilities for a gr.Label."""
-        image = need(image)
+        path = need(image)
         clf = get_model(model)
         start = time.perf_counter()
-        top = clf.predict(image, k=int(top_k))
+        try:  # the upload's path is named by a hash of its content, so it keys the work kept for /explain
+            top = clf.predict(path, k=int(top_k), key=path)
+        except (OSError, SyntaxError) as e:
+            raise unreadable(e) from e
         ms = 1000 * (time.perf_counter() - start)
         info = f"**{registry.check_allowed(model)}** answered in {ms:.0f} ms on {clf.device.type.upper()}."
         return {label: score for label, score in top}, info
 
     @gpu
     def explain(
-        image: Image.Image,
+        image: str,
         method: str = "rollout",
         model: str = default,
         layer: int = depth,
         head: str = "mean",
         head_fusion: str = "mean",
-        discard_ratio: float = 0.9,
+        discard_ratio: float = DEFAULT_DISCARD_RATIO,
         alpha: float = 0.6,
     ):
         """Where the model looked, over the crop it saw. Returns the overlay (and the crop, for the page)."""
-        image = need(image)
+        path = need(image)
         clf = get_model(model)
-        key = (registry.check_allowed(model), _fingerprint(image))
-        hit = cache.get(key)
-        if hit is None:
-            hit = clf.attention(image)
-            cache.put(key, hit)
-        crop, attns, _ = hit
+        try:
+            crop, attns, _ = clf.attention(path, key=path)
+        except (OSError, SyntaxError) as e:
+            raise unreadable(e) from e
         layer = min(max(int(layer), 1), clf.config.depth) - 1
-        head_idx = None if head in (None, "", "mean") else min(int(head), clf.config.num_heads) - 1
+        head_idx = None if head in (None, "", "mean") else min(max(int(head), 1), clf.config.num_heads) - 1
         overlay = render(crop, attns, clf.config.num_prefix_tokens, method, layer=layer, head=head_idx,
                          head_fusion=head_fusion, discard_ratio=float(discard_ratio), alpha=float(alpha))
         return overlay, Image.fromarray(crop.permute(1, 2, 0).squeeze(-1).numpy())
@@ -187,13 +170,13 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 image = PhotoInput(
-                    label="Photo", type="pil", image_mode=None, sources=["upload", "webcam", "clipboard"],
+                    label="Photo", type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
                     webcam_options=gr.WebcamOptions(mirror=False), elem_id="photo", height=360,
                 )
                 gr.Markdown("Webcam photos are used as the camera sees them (not mirrored).", elem_id="webcam-note")
                 model = gr.Dropdown(
                     choices=registry.choices, value=default, label="Model", elem_id="model",
-                    allow_custom_value=registry.allow_any,
+                    allow_custom_value=True,  # Registry.check_allowed refuses what is not on offer, in its own words
                     info="Any Hub id of a ViT may be typed in." if registry.allow_any else None,
                 )
                 model_info = gr.Markdown(elem_id="model-info")
@@ -213,7 +196,7 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
                             head = gr.Dropdown(["mean"] + [str(h + 1) for h in range(heads)], value="mean", label="Head (attention)", elem_id="head")
                         with gr.Row():
                             head_fusion = gr.Radio(list(HEAD_FUSIONS), value="mean", label="Head fusion (rollout)", elem_id="head-fusion")
-                            discard_ratio = gr.Slider(0, 0.99, value=0.9, step=0.01, label="Discard ratio (rollout)", elem_id="discard")
+                            discard_ratio = gr.Slider(0, 0.99, value=DEFAULT_DISCARD_RATIO, step=0.01, label="Discard ratio (rollout)", elem_id="discard")
                         alpha = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity", elem_id="alpha")
                         explain_btn = gr.Button("Explain", variant="primary", elem_id="explain-btn")
                         with gr.Row():
@@ -229,9 +212,14 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
         explain_btn.click(explain, explain_inputs, [overlay, crop_state], api_name="explain").then(
             lambda c: c, crop_state, crop, api_name="show_crop", api_visibility="private"
         )
+        def explain_live(image, *args):  # redraw as the controls move, once there is a photo
+            return (gr.skip(), gr.skip()) if image is None else explain(image, *args)
+
         for control in (method, layer, head, head_fusion, discard_ratio, alpha):
-            control.change(explain, explain_inputs, [overlay, crop], api_name=f"explain_on_{control.elem_id.replace('-', '_')}",
+            control.change(explain_live, explain_inputs, [overlay, crop], api_name=f"explain_on_{control.elem_id.replace('-', '_')}",
                            api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+        # Reading the upload at once tells the visitor about an unreadable file before they press a button.
+        image.upload(lambda im: None, image, None, api_name="check_upload", api_visibility="private", show_progress="hidden")
         model.change(on_model_change, model, [layer, head, model_info], api_name="select_model", api_visibility="private")
     demo.queue(max_size=64, default_concurrency_limit=4)
     demo.registry = registry

@@ -58,9 +58,11 @@ class PhotoInput(gr.Image):
 
     def preprocess(self, payload):
         try:
-            return super().preprocess(payload)
-        except Image.DecompressionBombError as e:
-            raise gr.Error(f"This image is too large ({e.args[0].split('(')[1].split(')')[0]}): use one under 64 megapixels.") from e
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return super().preprocess(payload)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise gr.Error(f"This image has more than {MAX_MEGAPIXELS} megapixels: scale it down and try again.") from e
         except (UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
             raise gr.Error("This file could not be read as an image: upload a JPEG, PNG, WebP, BMP, GIF or TIFF photo.") from e
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING

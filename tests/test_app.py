@@ -1,0 +1,337 @@
+"""The Gradio app, launched for real on loopback and called with gradio_client; and the model Registry.
+
+One small random-weight transformers ViT (224 px, 32 px patches: a 7x7 grid, 4 heads, 2 layers, 7 named
+classes) is served for the whole module. Gradio's and the client's temporary files go to a folder of the
+test's own, and the client does not download results (download_files=False): images are fetched by URL.
+"""
+
+import io
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import EXAMPLES, make_transformers
+from vit_demo import ModelLoadError, load_classifier
+from vit_demo.registry import BUNDLED_NAME, CURATED, DEFAULT_MODEL, Registry, bundled_available
+
+LABELS = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape"]
+CHELSEA = str(EXAMPLES / "chelsea.jpg")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(client, checkpoint path, demo): the app serving one small checkpoint, closed at the end."""
+    from gradio_client import Client
+
+    from vit_demo.ui import LAUNCH_KWARGS, build_demo
+
+    tmp = tmp_path_factory.mktemp("app")
+    with pytest.MonkeyPatch.context() as mp:
+        (tmp / "gradio").mkdir()
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
+        mp.setenv("TMPDIR", str(tmp))
+        ref = make_transformers(
+            tmp / "ckpt", "small", image_size=224, patch_size=32, num_labels=7,
+            id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
+        )
+        demo = build_demo(Registry([str(ref.path)], default=str(ref.path)))
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **LAUNCH_KWARGS)
+        client = Client(url, download_files=False, verbose=False)
+        try:
+            yield client, ref.path, demo
+        finally:
+            client.close()
+            demo.close(verbose=False)
+
+
+@pytest.fixture(scope="module")
+def reference_classifier(served):
+    return load_classifier(served[1], device="cpu")
+
+
+def fetch_image(result) -> Image.Image:
+    """An image output of the client (a FileData dict, as download_files=False gives it), fetched by its URL."""
+    assert isinstance(result, dict) and result.get("url"), result
+    response = httpx.get(result["url"], timeout=30)
+    response.raise_for_status()
+    image = Image.open(io.BytesIO(response.content))
+    image.load()
+    return image
+
+
+def confidences(result) -> list[tuple[str, float]]:
+    assert isinstance(result, dict) and "confidences" in result, result
+    return [(c["label"], c["confidence"]) for c in result["confidences"]]
+
+
+# --- /classify ------------------------------------------------------------------------------------------------
+
+
+def test_classify_with_only_the_image(served, reference_classifier):
+    from gradio_client import handle_file
+
+    client, _, _ = served
+    result = client.predict(image=handle_file(CHELSEA), api_name="/classify")
+    got = confidences(result)
+    assert len(got) == 5  # the default top_k
+    labels = [label for label, _ in got]
+    assert set(labels) <= set(LABELS) and len(set(labels)) == 5
+    assert result["label"] == labels[0]
+    expected = reference_classifier.predict(Image.open(CHELSEA), k=5)
+    assert labels == [label for label, _ in expected]
+    for (_, p), (_, q) in zip(got, expected):
+        assert abs(p - q) <= 1e-5
+
+
+def test_classify_top_k(served, reference_classifier):
+    from gradio_client import handle_file
+
+    client, _, _ = served
+    got = confidences(client.predict(image=handle_file(CHELSEA), top_k=3, api_name="/classify"))
+    assert len(got) == 3
+    scores = [p for _, p in got]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0 <= p <= 1 for p in scores)
+    assert sum(scores) <= 1 + 1e-6
+    expected = reference_classifier.predict(Image.open(CHELSEA), k=3)
+    assert [label for label, _ in got] == [label for label, _ in expected]
+    assert max(abs(p - q) for (_, p), (_, q) in zip(got, expected)) <= 1e-5
+    # Asking for more classes than the model has gives all of them, summing to 1.
+    every = confidences(client.predict(image=handle_file(CHELSEA), top_k=20, api_name="/classify"))
+    assert sorted(label for label, _ in every) == sorted(LABELS)
+    assert abs(sum(p for _, p in every) - 1) <= 1e-5
+
+
+# --- /explain -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["rollout", "attention", "heads"])
+def test_explain_with_only_image_and_method(served, method):
+    from gradio_client import handle_file
+
+    client, _, _ = served
+    image = fetch_image(client.predict(image=handle_file(CHELSEA), method=method, api_name="/explain"))
+    assert image.mode == "RGB"
+    if method == "heads":
+        # 4 heads of one layer: a 2x2 sheet of 224x224 panels with 4-pixel gaps.
+        assert image.size == (2 * 224 + 4, 2 * 224 + 4)
+    else:
+        assert image.size == (224, 224)  # the crop the model saw
+
+
+def test_explain_matches_the_python_api(served, reference_classifier):
+    """The endpoint's defaults (last layer, mean of heads, mean fusion, discard 0.9, alpha 0.6) are the
+    Python API's with discard_ratio=0.9; and alpha=0 gives back exactly the crop the model saw."""
+    from gradio_client import handle_file
+
+    client, _, _ = served
+    photo = Image.open(CHELSEA)
+    served_rollout = np.asarray(fetch_image(client.predict(image=handle_file(CHELSEA), method="rollout", api_name="/explain")), dtype=int)
+    local = np.asarray(reference_classifier.explain(photo, "rollout", discard_ratio=0.9), dtype=int)
+    assert np.abs(served_rollout - local).max() <= 1
+    bare = fetch_image(client.predict(image=handle_file(CHELSEA), method="attention", alpha=0, api_name="/explain"))
+    crop = reference_classifier.preprocessor.crop(photo).permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(bare), crop)
+
+
+# --- the API's description ------------------------------------------------------------------------------------
+
+
+def test_view_api_lists_the_two_endpoints_with_defaults(served):
+    client, path, _ = served
+    api = client.view_api(return_format="dict", print_info=False)
+    named = api["named_endpoints"]
+    assert "/classify" in named and "/explain" in named
+    params = {name: named[name]["parameters"] for name in ("/classify", "/explain")}
+    assert [p["parameter_name"] for p in params["/classify"]] == ["image", "top_k", "model"]
+    explain_names = [p["parameter_name"] for p in params["/explain"]]
+    assert explain_names[:2] == ["image", "method"]
+    assert set(explain_names) >= {"model", "layer", "head", "head_fusion", "discard_ratio", "alpha"}
+    for name, ps in params.items():
+        assert ps[0]["parameter_has_default"] is False, name
+        for p in ps[1:]:
+            assert p["parameter_has_default"] is True, (name, p["parameter_name"])
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in params["/explain"]}
+    assert defaults["method"] == "rollout" and defaults["model"] == str(path)
+    assert {p["parameter_name"]: p["parameter_default"] for p in params["/classify"]}["top_k"] == 5
+    assert [r["component"] for r in named["/classify"]["returns"]] == ["Label"]
+    assert [r["component"] for r in named["/explain"]["returns"]] == ["Image"]
+    # The internal events are not public.
+    assert not set(named) & {"/show_info", "/show_crop", "/select_model", "/explain_on_method"}
+
+
+# --- refusals -------------------------------------------------------------------------------------------------
+
+
+def test_a_file_that_is_not_an_image_is_refused_and_the_app_goes_on(served, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    client, _, _ = served
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("this is text, not a JPEG\n" * 20)
+    with pytest.raises(AppError) as info:
+        client.predict(image=handle_file(str(fake)), api_name="/classify")
+    assert "could not be read as an image" in str(info.value)
+    assert "Traceback" not in str(info.value)
+    with pytest.raises(AppError, match="could not be read as an image"):
+        client.predict(image=handle_file(str(fake)), method="rollout", api_name="/explain")
+    # The next valid request is answered.
+    assert len(confidences(client.predict(image=handle_file(CHELSEA), top_k=2, api_name="/classify"))) == 2
+
+
+def test_a_model_not_on_the_list_is_refused(served):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    client, _, demo = served
+    with pytest.raises(AppError) as info:
+        client.predict(image=handle_file(CHELSEA), model="someone/other", api_name="/classify")
+    message = str(info.value)
+    assert "'someone/other' is not one of the models this app offers: pick one from the list." in message
+    assert "list of choices" not in message  # Gradio's own refusal would show the (local) choices
+    assert demo.registry.loaded() == [demo.registry.default]  # nothing else was loaded
+    # And the app goes on.
+    assert len(confidences(client.predict(image=handle_file(CHELSEA), top_k=1, api_name="/classify"))) == 1
+
+
+# --- Registry (no app) ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("VIT_DEMO_MODEL", "VIT_DEMO_MODELS", "VIT_DEMO_ALLOW_ANY_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_registry_from_env_defaults(clean_env):
+    reg = Registry.from_env()
+    assert reg.default == DEFAULT_MODEL
+    assert reg.choices == list(dict.fromkeys([DEFAULT_MODEL] + CURATED + ([BUNDLED_NAME] if bundled_available() else [])))
+    assert reg.allow_any is False
+
+
+def test_registry_from_env_model_and_models(clean_env):
+    clean_env.setenv("VIT_DEMO_MODEL", " org/default-vit ")
+    reg = Registry.from_env()
+    assert reg.default == "org/default-vit"
+    assert reg.choices[0] == "org/default-vit" and set(CURATED) <= set(reg.choices)
+
+    clean_env.setenv("VIT_DEMO_MODELS", "org/a, org/b,,org/a ,")
+    reg = Registry.from_env(capacity=2)
+    assert reg.choices == ["org/default-vit", "org/a", "org/b"]
+    assert reg.capacity == 2
+    assert reg.check_allowed("org/b") == "org/b"
+    assert reg.check_allowed("") == "org/default-vit"
+    with pytest.raises(ModelLoadError, match="is not one of the models"):
+        reg.check_allowed(CURATED[1])  # the curated list is replaced, not extended
+
+    clean_env.delenv("VIT_DEMO_MODEL")
+    assert Registry.from_env().default == DEFAULT_MODEL
+    assert Registry.from_env().choices == [DEFAULT_MODEL, "org/a", "org/b"]
+
+
+@pytest.mark.parametrize("flag, allowed", [("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("", False), ("no", False)])
+def test_registry_from_env_allow_any(clean_env, flag, allowed):
+    clean_env.setenv("VIT_DEMO_ALLOW_ANY_MODEL", flag)
+    reg = Registry.from_env()
+    assert reg.allow_any is allowed
+    if allowed:
+        assert reg.check_allowed("someone/any-vit") == "someone/any-vit"
+    else:
+        with pytest.raises(ModelLoadError, match="is not one of the models"):
+            reg.check_allowed("someone/any-vit")
+
+
+@pytest.mark.parametrize("name", ["/etc", "/etc/passwd", "../x", "../../x/y", "./x", "~/x", "a/b/c", "x", "a/../b", "\\x/y", "examples/chelsea.jpg"])
+def test_allow_any_still_refuses_local_paths(clean_env, name):
+    clean_env.chdir(EXAMPLES.parent)  # so that the relative "examples/chelsea.jpg" exists
+    clean_env.setenv("VIT_DEMO_ALLOW_ANY_MODEL", "1")
+    reg = Registry.from_env()
+    with pytest.raises(ModelLoadError, match="is not one of the models"):
+        reg.check_allowed(name)
+    with pytest.raises(ModelLoadError):
+        reg.get(name)
+    assert reg.loaded() == []
+
+
+@pytest.fixture(scope="module")
+def small_models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lru")
+    return [str(make_transformers(tmp / name, "small").path) for name in ("m1", "m2", "m3")]
+
+
+def test_registry_lru_capacity_one(small_models):
+    m1, m2, _ = small_models
+    reg = Registry([m1, m2], default=m1, capacity=1, device="cpu")
+    first = reg.get()
+    assert reg.loaded() == [m1]
+    assert reg.get(m1) is first  # cached, not loaded again
+    reg.get(m2)
+    assert reg.loaded() == [m2]  # the first was evicted
+    assert reg.get(m1) is not first  # and is loaded afresh
+    assert reg.loaded() == [m1]
+
+
+def test_registry_lru_evicts_the_least_recently_used(small_models):
+    m1, m2, m3 = small_models
+    reg = Registry([m1, m2, m3], default=m1, capacity=2, device="cpu")
+    reg.get(m1)
+    reg.get(m2)
+    reg.get(m1)  # m1 is now the most recently used
+    reg.get(m3)
+    assert reg.loaded() == [m1, m3]
+
+
+# --- starting without the Hub ---------------------------------------------------------------------------------
+
+
+def test_offline_start_builds_the_page_and_says_why(offline_hub, tmp_path, monkeypatch):
+    from vit_demo.ui import build_demo
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    bundled = bundled_available()
+    start = time.perf_counter()
+    demo = build_demo(Registry(["nobody/not-cached"], default="nobody/not-cached", device="cpu"))
+    elapsed = time.perf_counter() - start
+    assert elapsed < 15, f"building the page offline took {elapsed:.1f} s"
+    status = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "status"]
+    assert len(status) == 1
+    text = status[0].value
+    assert "nobody/not-cached" in text and "could not be loaded" in text
+    if bundled:
+        assert "bundled" in text
+        assert demo.registry.default == BUNDLED_NAME
+        assert demo.registry.loaded() == [BUNDLED_NAME]
+    else:
+        assert "VIT_DEMO_MODEL" in text
+        assert demo.registry.loaded() == []
+
+
+def test_offline_start_falls_back_to_a_bundled_model(offline_hub, tmp_path, monkeypatch, small_models):
+    """The other branch, whether or not vit_demo/weights exists yet: a small checkpoint stands in for it."""
+    from vit_demo import registry as registry_mod
+    from vit_demo.ui import build_demo
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setattr(registry_mod, "BUNDLED", small_models[0])
+    assert bundled_available()
+    demo = build_demo(Registry(["nobody/not-cached"], default="nobody/not-cached", device="cpu"))
+    text = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "status").value
+    assert "nobody/not-cached" in text and "could not be loaded" in text and "bundled" in text
+    assert demo.registry.default == BUNDLED_NAME
+    assert demo.registry.choices[0] == BUNDLED_NAME and "nobody/not-cached" in demo.registry.choices
+    assert demo.registry.loaded() == [BUNDLED_NAME]
+    dropdown = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model")
+    assert dropdown.value == BUNDLED_NAME
