@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
@@ -113,14 +114,29 @@ def _name(code) -> str:
 
 
 def load_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
-    """Puts a photo upright (EXIF orientation) and into the mode the model reads, flattening transparency
-    onto white."""
-    image = ImageOps.exif_transpose(image)
+    """Puts a photo upright (EXIF orientation) and into the mode the model reads: the first frame of an
+    animation, transparency flattened onto white, 16-bit and float images scaled to 8 bits."""
+    if image.getexif().get(0x0112, 1) != 1:  # exif_transpose copies even upright images: only call it when needed
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = _to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.new("RGB", rgba.size, (255, 255, 255))
         image.paste(rgba, mask=rgba.getchannel("A"))
-    return image.convert(mode)
+    return image if image.mode == mode else image.convert(mode)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit integer images (0..65535) -> 8 bits by dropping the low byte; float images by their range."""
+    a = np.asarray(image)
+    if image.mode == "F":
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        a = (a - lo) / (hi - lo or 1.0) * 255 if (lo < 0 or hi > 1) else a * 255
+    else:
+        sixteen = image.mode.startswith("I;16") or a.max(initial=0) > 255  # mode "I" may hold 8-bit values
+        a = a.astype(np.int64) >> 8 if sixteen else a
+    return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8), "L")
 
 
 class Preprocessor:

@@ -22,6 +22,7 @@ from .registry import BUNDLED_NAME, Registry, bundled_available
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 METHOD_CHOICES = [("Attention rollout", "rollout"), ("Class-token attention (one layer)", "attention"), ("All heads of one layer", "heads")]
 MAX_FILE_SIZE = "20mb"
+UNREADABLE = "This file could not be read as an image (it may be truncated or damaged): try another file."
 MAX_MEGAPIXELS = 40  # larger images are refused from their header, before decoding
 
 try:  # On Hugging Face ZeroGPU hardware, inference runs under spaces.GPU; elsewhere this changes nothing.
@@ -110,9 +111,6 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
             raise gr.Error("No image yet: upload a photo, take one with the webcam, paste one, or pick an example.")
         return image
 
-    def unreadable(e: Exception):
-        return gr.Error("This file could not be read as an image (it may be truncated or damaged): try another file.")
-
     @gpu
     def classify(image: str, top_k: int = 5, model: str = default):
         """Top-k classes of an image. Returns the probabilities for a gr.Label."""
@@ -122,7 +120,7 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
         try:  # the upload's path is named by a hash of its content, so it keys the work kept for /explain
             top = clf.predict(path, k=int(top_k), key=path)
         except (OSError, SyntaxError) as e:
-            raise unreadable(e) from e
+            raise gr.Error(UNREADABLE) from e
         ms = 1000 * (time.perf_counter() - start)
         info = f"**{registry.check_allowed(model)}** answered in {ms:.0f} ms on {clf.device.type.upper()}."
         return {label: score for label, score in top}, info
@@ -144,7 +142,7 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
         try:
             crop, attns, _ = clf.attention(path, key=path)
         except (OSError, SyntaxError) as e:
-            raise unreadable(e) from e
+            raise gr.Error(UNREADABLE) from e
         layer = min(max(int(layer), 1), clf.config.depth) - 1
         head_idx = None if head in (None, "", "mean") else min(max(int(head), 1), clf.config.num_heads) - 1
         overlay = render(crop, attns, clf.config.num_prefix_tokens, method, layer=layer, head=head_idx,
