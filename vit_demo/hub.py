@@ -74,6 +74,11 @@ def load_checkpoint(source: str | os.PathLike, revision: str | None = None) -> C
         sd, cfg, fmt = convert.convert(sd, config)
     except convert.ConversionError as e:
         raise ModelLoadError(f"{source}: {e} Supported: {SUPPORTED}.") from e
+    if fmt == "transformers" and not config:
+        raise ModelLoadError(
+            f"{source} has transformers weights but no config.json (it gives the number of heads and the labels): "
+            "put the repo's config.json next to the weights."
+        )
     labels = _labels(config, cfg.num_classes)
     if fmt == "transformers":
         pp = preprocess.from_transformers(meta.get("preprocessor_config.json") or {})

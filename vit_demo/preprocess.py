@@ -166,7 +166,8 @@ class Preprocessor:
         image = load_image(image, self.cfg.mode)
         if self.cfg.dark_background:
             image = _square_dark_background(image)
-        return self._crop(image)
+        crop = _crop_of_extreme_image(image, self.cfg)
+        return crop if crop is not None else self._crop(image)
 
     def normalize(self, crop: torch.Tensor) -> torch.Tensor:
         """uint8 (C, H, W) or (B, C, H, W) -> float32 model input, batched: (B, C, H, W)."""
@@ -177,9 +178,33 @@ class Preprocessor:
         return self.normalize(self.crop(image))
 
 
-def _square_dark_background(image: Image.Image) -> Image.Image:
+_PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+
+
+def _crop_of_extreme_image(image: Image.Image, cfg: PreprocessConfig, slack: int = 4) -> torch.Tensor | None:
+    """Resize(shorter side) then CenterCrop, for an image so elongated that the resized copy would exceed `slack`
+    crops (3x4000 -> 248x330666): one PIL resize of just the source region the crop keeps, so memory stays at the
+    crop's size. None for ordinary images, which keep the exact Resize + CenterCrop path."""
+    if cfg.backend != "pil" or not isinstance(cfg.resize, int) or cfg.crop is None:
+        return None
+    w, h = image.size
+    ch, cw = cfg.crop
+    nw, nh = (cfg.resize, int(cfg.resize * h / w)) if w <= h else (int(cfg.resize * w / h), cfg.resize)  # torchvision's rule
+    if max(nw, nh) <= slack * max(ch, cw) or cw > nw or ch > nh:
+        return None
+    top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))  # CenterCrop's offsets
+    sx, sy = w / nw, h / nh
+    box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    return T.PILToTensor()(image.resize((cw, ch), _PIL_FILTERS[cfg.interpolation], box=box))
+
+
+def _square_dark_background(image: Image.Image, max_side: int = 2048) -> Image.Image:
     """A grayscale photo -> a square with the object light on a dark ground, as in Fashion-MNIST."""
     w, h = image.size
+    if max(w, h) > max_side:  # the square would be max(w, h)**2 pixels: a 1x100000 strip would need 10 Gpx
+        f = max_side / max(w, h)
+        image = image.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BOX)
+        w, h = image.size
     border = [image.getpixel((x, y)) for x in range(0, w, max(1, w // 16)) for y in (0, h - 1)]
     border += [image.getpixel((x, y)) for y in range(0, h, max(1, h // 16)) for x in (0, w - 1)]
     background = sorted(border)[len(border) // 2]

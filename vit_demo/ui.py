@@ -61,7 +61,11 @@ class PhotoInput(gr.Image):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                return super().preprocess(payload)
+                path = super().preprocess(payload)
+                if path is not None:  # gradio passes some uploads (SVG) through unopened: open every one here
+                    with Image.open(path):
+                        pass
+                return path
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise gr.Error(f"This image has more than {MAX_MEGAPIXELS} megapixels: scale it down and try again.") from e
         except (UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
@@ -81,11 +85,11 @@ def start_registry(registry: Registry) -> tuple[Registry, str]:
         registry.choices = list(dict.fromkeys([BUNDLED_NAME] + registry.choices))
         try:
             registry.get(BUNDLED_NAME)
-            return registry, f"⚠️ {failed} could not be loaded ({reason}) Serving the bundled offline model (Fashion-MNIST) instead."
+            return registry, f"⚠️ {failed} could not be loaded. {reason} Serving the bundled offline model (Fashion-MNIST) instead."
         except ModelLoadError as e:
             reason += f" The bundled model failed too: {e}"
     return registry, (
-        f"⚠️ {registry.default} could not be loaded ({reason}) No offline model is bundled: set VIT_DEMO_MODEL to a local "
+        f"⚠️ {registry.default} could not be loaded. {reason} No offline model is bundled: set VIT_DEMO_MODEL to a local "
         "folder holding a ViT checkpoint (config.json and model.safetensors) and restart."
     )
 

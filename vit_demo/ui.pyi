@@ -60,7 +60,11 @@ class PhotoInput(gr.Image):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                return super().preprocess(payload)
+                path = super().preprocess(payload)
+                if path is not None:  # gradio passes some uploads (SVG) through unopened: open every one here
+                    with Image.open(path):
+                        pass
+                return path
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise gr.Error(f"This image has more than {MAX_MEGAPIXELS} megapixels: scale it down and try again.") from e
         except (UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:

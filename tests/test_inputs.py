@@ -1,0 +1,600 @@
+"""What strangers can send: unusual and broken images, bad checkpoints, names of models that are not on offer.
+
+The app is launched for real on loopback (as in test_app.py) and called with gradio_client. Every valid but
+unusual image must be classified exactly as `Classifier.predict` classifies the same file; every broken one
+must give the visitor a readable sentence (never Gradio's generic "an exception was raised", never a traceback),
+within seconds, and the next request must be answered as usual. Every Hub request goes to a server on
+127.0.0.1 that this module starts itself, or to a port nothing listens on.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import os
+import pickle
+import shutil
+import socket
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import constants
+from PIL import Image, ImageOps
+
+from conftest import EXAMPLES, make_timm, make_transformers
+from vit_demo import load_classifier
+from vit_demo.registry import Registry
+
+LABELS = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape"]
+CHELSEA = EXAMPLES / "chelsea.jpg"
+REQUEST_SECONDS = 30  # generous: the point is that nothing hangs
+GENERIC = "has not enabled verbose error reporting"  # gradio_client's text for an exception that is not a gr.Error
+UNREADABLE = "This file could not be read as an image: upload a JPEG, PNG, WebP, BMP, GIF or TIFF photo."
+DAMAGED = "This file could not be read as an image (it may be truncated or damaged): try another file."
+TOO_LARGE = "This image has more than 40 megapixels: scale it down and try again."
+QUEUE_FULL = "Queue is full! Please try again."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CodePayload:
+    """Unpickling this calls open(marker, "w"): the file appears if and only if the pickle's code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# --- the images -----------------------------------------------------------------------------------------------
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose IHDR (with a valid CRC) claims width x height RGB pixels, followed by a tiny IDAT."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def make_images(out: Path) -> dict[str, Path]:
+    """Every valid but unusual image of the issue, plus the references some of them are compared with."""
+    photo = Image.open(CHELSEA).convert("RGB")  # 451 x 300
+    p = {}
+
+    def save(name, image, **kw):
+        p[name] = out / name
+        image.save(p[name], **kw)
+
+    save("rgb-1x1.png", Image.new("RGB", (1, 1), (200, 30, 60)))
+    save("wide-4000x3.png", photo.resize((4000, 3), Image.BILINEAR))
+    save("tall-3x4000.png", photo.resize((3, 4000), Image.BILINEAR))
+    # 16 bits with real 16-bit values: the low byte is not zero and the high byte spans the range.
+    gray = np.asarray(photo.convert("L"), dtype=np.uint16)
+    noise = np.random.default_rng(0).integers(0, 256, gray.shape, dtype=np.uint16)
+    save("gray16.png", Image.fromarray(gray * 256 + noise))
+    save("cmyk.jpg", photo.convert("CMYK"), quality=95)
+    pal = photo.convert("P", palette=Image.ADAPTIVE, colors=64)
+    pal.info["transparency"] = 0
+    save("palette-transparent.png", pal, transparency=0)
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
+    save("rgba.png", rgba)
+    save("gray.jpg", photo.convert("L"), quality=95)
+    # An animated GIF of three frames in different colours (few colours each, so the palette is exact).
+    colours = [(220, 20, 60), (30, 144, 255), (50, 205, 50), (255, 215, 0), (20, 20, 20), (240, 240, 240)]
+    frames = []
+    for f in range(3):
+        a = np.zeros((96, 96, 3), np.uint8)
+        for i in range(4):
+            for j in range(4):
+                a[24 * i: 24 * i + 24, 24 * j: 24 * j + 24] = colours[(i + 2 * j + 3 * f) % len(colours)]
+        frames.append(Image.fromarray(a))
+    save("animated.gif", frames[0], save_all=True, append_images=frames[1:], duration=200, loop=0)
+    with Image.open(p["animated.gif"]) as gif:
+        assert getattr(gif, "n_frames", 1) == 3
+        save("gif-frame1.png", gif.convert("RGB"))
+        gif.seek(1)
+        save("gif-frame2.png", gif.convert("RGB"))
+    # EXIF orientation 6: stored turned a quarter to the left, to be shown turned a quarter to the right.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save("exif-rotated.jpg", photo.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes(), quality=95)
+    with Image.open(p["exif-rotated.jpg"]) as im:
+        save("exif-upright.png", ImageOps.exif_transpose(im))  # the same pixels, upright, without EXIF
+        save("exif-ignored.png", Image.fromarray(np.asarray(im)))  # the same pixels as stored, EXIF dropped
+    save("photo.webp", photo, quality=90)
+    save("photo.bmp", photo)
+    save("photo.tiff", photo)
+    save("large-6000x4000.jpg", photo.resize((6000, 4000), Image.BICUBIC), quality=90)
+    return p
+
+
+VALID = [
+    "rgb-1x1.png", "wide-4000x3.png", "tall-3x4000.png", "gray16.png", "cmyk.jpg", "palette-transparent.png",
+    "rgba.png", "gray.jpg", "animated.gif", "exif-rotated.jpg", "photo.webp", "photo.bmp", "photo.tiff",
+    "large-6000x4000.jpg",
+]
+EXPLAINED = {"rgb-1x1.png", "tall-3x4000.png", "gray16.png", "cmyk.jpg", "animated.gif", "large-6000x4000.jpg"}
+
+
+def make_broken(out: Path) -> dict[str, Path]:
+    p = {}
+
+    def write(name, data: bytes):
+        p[name] = out / name
+        p[name].write_bytes(data)
+
+    write("empty.jpg", b"")
+    write("text.jpg", b"this is text, not a JPEG\n" * 40)
+    jpeg = (EXAMPLES / "astronaut.jpg").read_bytes()
+    write("truncated.jpg", jpeg[: len(jpeg) // 2])
+    write("claims-100000x100000.png", png_claiming(100_000, 100_000))  # 10 gigapixels: an error from the header
+    write("claims-9000x5000.png", png_claiming(9000, 5000))  # 45 megapixels: over the cap, under Pillow's error
+    write("drawing.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
+                         b'<circle cx="32" cy="32" r="30" fill="red"/></svg>\n')
+    return p
+
+
+# --- the app --------------------------------------------------------------------------------------------------
+
+
+class App:
+    """What the module's tests share: the client, the demo, the checkpoints and a reference Classifier."""
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from gradio_client import Client
+    from safetensors.torch import load_file, save_file
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from vit_demo.ui import LAUNCH_KWARGS, build_demo
+
+    tmp = tmp_path_factory.mktemp("inputs")
+    a = App()
+    a.tmp = tmp
+    with pytest.MonkeyPatch.context() as mp:
+        (tmp / "gradio").mkdir()
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
+        mp.setenv("TMPDIR", str(tmp))
+        good = make_transformers(
+            tmp / "good", "small", image_size=224, patch_size=32, num_labels=7,
+            id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
+        ).path
+        # Checkpoints that must each give a message and leave the app as it was.
+        corrupt = make_transformers(tmp / "corrupt", "small").path
+        data = (corrupt / "model.safetensors").read_bytes()
+        (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+        shapes = make_timm(tmp / "shapes", "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).path
+        sd = load_file(str(shapes / "model.safetensors"))
+        sd["blocks.1.mlp.fc1.weight"] = torch.zeros(100, 192)
+        save_file(sd, str(shapes / "model.safetensors"))
+        # No config.json: 96 wide with 4 heads, so the 12 heads guessed without a config divide the width too.
+        no_config = make_transformers(tmp / "no-config", "small", hidden_size=96, num_attention_heads=4, num_labels=3).path
+        (no_config / "config.json").unlink()
+        resnet = tmp / "resnet"
+        ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)).save_pretrained(resnet)
+        a.marker = tmp / "pickle-code-ran"
+        evil = tmp / "evil" / "vit_b_16.pth"
+        evil.parent.mkdir()
+        torch.save({"class_token": CodePayload(str(a.marker))}, evil)
+        # A model whose preprocessing resizes the shorter side (timm's recipe), and three more to fill the cache.
+        timm_vit = make_timm(tmp / "timm", "vit_tiny_patch16_224", depth=2).path
+        # A grayscale model that pads photos to a square on a dark ground, as the bundled Fashion-MNIST one does.
+        dark = make_transformers(tmp / "dark", "small", image_size=28, patch_size=7, num_channels=1, num_labels=10).path
+        pp_path = dark / "preprocessor_config.json"
+        pp_path.write_text(json.dumps({**json.loads(pp_path.read_text()), "do_dark_background": True}))
+        extra = [str(make_transformers(tmp / f"extra{i}", "small").path) for i in range(3)]
+        a.bad = {
+            "corrupt safetensors": (str(corrupt), "model.safetensors is not a readable safetensors file (it may be truncated): download it again."),
+            "mismatched shapes": (str(shapes), "do not fit together as a ViT"),
+            "not a ViT (ResNet)": (str(resnet), "is a 'resnet' model, not a ViT"),
+            "pickle carrying code": (str(evil), "vit_b_16.pth contains more than tensors (objects or code) and was refused: use a safetensors file."),
+            "missing repo": ("someone/no-such-vit", "No model someone/no-such-vit was found on the Hugging Face Hub"),
+            "gated repo": ("someone/gated-vit", "someone/gated-vit is a gated model: accept its terms on its Hub page"),
+            "unreachable Hub": ("google/vit-base-patch16-224", "The Hugging Face Hub could not be reached to download google/vit-base-patch16-224"),
+        }
+        a.good, a.no_config, a.timm, a.dark, a.extra = str(good), str(no_config), str(timm_vit), str(dark), extra
+        choices = [a.good] + [src for src, _ in a.bad.values()] + [a.no_config, a.timm, a.dark] + extra
+        a.demo = build_demo(Registry(choices, default=a.good))
+        _, a.url, _ = a.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **LAUNCH_KWARGS)
+        a.client = Client(a.url, download_files=False, verbose=False)
+        a.reference = load_classifier(good, device="cpu")
+        (tmp / "images").mkdir()
+        a.images = make_images(tmp / "images")
+        (tmp / "broken").mkdir()
+        a.broken = make_broken(tmp / "broken")
+        try:
+            yield a
+        finally:
+            a.client.close()
+            a.demo.close(verbose=False)
+
+
+def confidences(result) -> list[tuple[str, float]]:
+    assert isinstance(result, dict) and "confidences" in result, result
+    return [(c["label"], c["confidence"]) for c in result["confidences"]]
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    elapsed = time.perf_counter() - start
+    assert elapsed < REQUEST_SECONDS, f"the request took {elapsed:.1f} s"
+    return result, elapsed
+
+
+def classify(app, path, **kwargs) -> list[tuple[str, float]]:
+    from gradio_client import handle_file
+
+    result, _ = timed(app.client.predict, image=handle_file(str(path)), api_name="/classify", **kwargs)
+    return confidences(result)
+
+
+def refusal(app, path, api_name="/classify", **kwargs) -> tuple[str, float]:
+    """The message of the error the app answers with, and how long the answer took."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    start = time.perf_counter()
+    with pytest.raises(AppError) as info:
+        app.client.predict(image=handle_file(str(path)), api_name=api_name, **kwargs)
+    elapsed = time.perf_counter() - start
+    assert elapsed < REQUEST_SECONDS, f"the refusal took {elapsed:.1f} s"
+    message = str(info.value)
+    assert message.strip(), "an empty message"
+    assert "Traceback" not in message and GENERIC not in message, message
+    return message, elapsed
+
+
+def assert_same(got, expected, what=""):
+    assert [label for label, _ in got] == [label for label, _ in expected], f"{what}: {got} != {expected}"
+    diff = max(abs(p - q) for (_, p), (_, q) in zip(got, expected))
+    assert diff <= 1e-4, f"{what}: probabilities differ by {diff:.3g}"
+
+
+def still_serving(app):
+    """A valid request right after is answered, by the model the app had."""
+    got = classify(app, CHELSEA)
+    assert_same(got, app.reference.predict(Image.open(CHELSEA), k=5), "chelsea after a refusal")
+    assert app.good in app.demo.registry.loaded()
+
+
+# --- valid but unusual images ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALID)
+def test_unusual_image_is_classified_as_the_python_api_does(app, name):
+    path = app.images[name]
+    got = classify(app, path)
+    assert len(got) == 5 and set(label for label, _ in got) <= set(LABELS)
+    with Image.open(path) as im:
+        expected = app.reference.predict(im, k=5)
+    assert_same(got, expected, name)
+    if name in EXPLAINED:
+        from gradio_client import handle_file
+
+        result, _ = timed(app.client.predict, image=handle_file(str(path)), method="rollout", api_name="/explain")
+        assert isinstance(result, dict) and result.get("url"), result
+        response = httpx.get(result["url"], timeout=REQUEST_SECONDS)
+        response.raise_for_status()
+        overlay = Image.open(io.BytesIO(response.content))
+        assert overlay.mode == "RGB" and overlay.size == (224, 224)
+
+
+def test_animated_gif_is_classified_by_its_first_frame(app):
+    got = classify(app, app.images["animated.gif"])
+    assert_same(got, classify(app, app.images["gif-frame1.png"]), "GIF vs its first frame")
+    second = app.reference.predict(Image.open(app.images["gif-frame2.png"]), k=5)
+    assert [l for l, _ in second] != [l for l, _ in got] or max(abs(p - q) for (_, p), (_, q) in zip(second, got)) > 1e-3, \
+        "the frames should not look alike to the model, or this test proves nothing"
+
+
+def test_exif_rotated_photo_is_put_upright_before_classifying(app):
+    got = classify(app, app.images["exif-rotated.jpg"])
+    assert_same(got, classify(app, app.images["exif-upright.png"]), "EXIF-rotated vs upright")
+    ignored = app.reference.predict(Image.open(app.images["exif-ignored.png"]), k=5)
+    assert [l for l, _ in ignored] != [l for l, _ in got] or max(abs(p - q) for (_, p), (_, q) in zip(ignored, got)) > 1e-3, \
+        "upright and sideways should not look alike to the model, or this test proves nothing"
+
+
+def test_16_bit_image_keeps_its_contrast(app):
+    """Real 16-bit values are scaled to 8 bits, not clipped to white."""
+    with Image.open(app.images["gray16.png"]) as im:
+        assert im.mode.startswith("I") and np.asarray(im).max() > 255
+        crop = app.reference.preprocessor.crop(im)
+    with Image.open(CHELSEA) as im:
+        eight_bit = app.reference.preprocessor.crop(im.convert("L"))
+    assert len(torch.unique(crop)) > 100
+    assert (crop.float() - eight_bit.float()).abs().mean() < 3  # the high byte is the 8-bit photo
+
+
+def test_large_photo_is_within_the_caps(app):
+    path = app.images["large-6000x4000.jpg"]
+    assert path.stat().st_size < 20_000_000
+    with Image.open(path) as im:
+        assert im.size == (6000, 4000)
+
+
+@pytest.mark.parametrize("model, name", [
+    pytest.param("timm", "tall-3x4000.png", id="timm-shorter-side-resize-3x4000"),
+    pytest.param("dark", "needle-1x10000.png", id="dark-ground-square-1x10000"),
+])
+def test_elongated_image_stays_small_in_memory(app, monkeypatch, model, name):
+    """A thin image is classified without making an intermediate image thousands of times its size."""
+    path = app.images.get(name)
+    if path is None:  # a 1-pixel-wide strip: light, with one dark pixel
+        path = app.tmp / "images" / name
+        strip = Image.new("RGB", (1, 10_000), (240, 240, 240))
+        strip.putpixel((0, 5000), (0, 0, 0))
+        strip.save(path)
+    seen = []
+    resize, new = Image.Image.resize, Image.new
+
+    def spy_resize(self, size, *args, **kwargs):
+        seen.append(size[0] * size[1])
+        return resize(self, size, *args, **kwargs)
+
+    def spy_new(mode, size, *args, **kwargs):
+        seen.append(size[0] * size[1])
+        return new(mode, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy_resize)  # the app runs in this process: its images are seen too
+    monkeypatch.setattr(Image, "new", spy_new)
+    source = getattr(app, model)
+    got = classify(app, path, model=source)
+    monkeypatch.undo()
+    with Image.open(path) as im:
+        assert_same(got, app.demo.registry.get(source).predict(im, k=5), f"{model} model, {name}")
+    biggest = max(seen, default=0)
+    assert biggest <= 16_000_000, f"an intermediate image of {biggest / 1e6:.0f} megapixels for a {name}"
+
+
+# --- broken images --------------------------------------------------------------------------------------------
+
+
+BROKEN = [
+    ("empty.jpg", UNREADABLE),
+    ("text.jpg", UNREADABLE),
+    ("truncated.jpg", DAMAGED),
+    ("claims-100000x100000.png", TOO_LARGE),
+    ("claims-9000x5000.png", TOO_LARGE),
+    ("drawing.svg", "could not be read as an image"),
+]
+
+
+@pytest.mark.parametrize("name, expected", BROKEN, ids=[name for name, _ in BROKEN])
+@pytest.mark.parametrize("api_name", ["/classify", "/explain"])
+def test_broken_image_gets_a_readable_message(app, name, expected, api_name):
+    message, elapsed = refusal(app, app.broken[name], api_name=api_name)
+    print(f"\n{name} {api_name}: {message!r} ({elapsed:.2f} s)")
+    assert expected in message
+    if "claims" in name:
+        assert elapsed < 10, f"refused after {elapsed:.1f} s: it should be refused from the header, before decoding"
+    still_serving(app)
+
+
+def test_svg_is_told_which_formats_are_read(app):
+    message, _ = refusal(app, app.broken["drawing.svg"])
+    assert "JPEG, PNG" in message
+
+
+def test_upload_over_the_size_cap_is_refused(app):
+    """gradio_client refuses to send it; sent anyway (as a page or a script would), the server refuses the upload
+    (HTTP 413) before the app sees it."""
+    from gradio_client import handle_file
+
+    big = app.tmp / "broken" / "too-big.png"
+    big.write_bytes(os.urandom(21 * 1024 * 1024))
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        app.client.predict(image=handle_file(str(big)), api_name="/classify")
+    message = str(info.value)
+    print(f"\ntoo-big.png (21 MiB), gradio_client: {type(info.value).__name__}: {message!r} ({time.perf_counter() - start:.2f} s)")
+    assert "exceeds the maximum file size of 20971520 bytes" in message
+    assert app.demo.max_file_size == 20 * 1024 * 1024
+    start = time.perf_counter()
+    with open(big, "rb") as f:
+        response = httpx.post(f"{app.url.rstrip('/')}/gradio_api/upload", files={"files": ("too-big.png", f)}, timeout=REQUEST_SECONDS)
+    elapsed = time.perf_counter() - start
+    print(f"too-big.png (21 MiB), server: HTTP {response.status_code} {response.text!r} ({elapsed:.2f} s)")
+    assert elapsed < REQUEST_SECONDS
+    assert response.status_code == 413
+    assert "File size exceeded maximum allowed size of 20971520 bytes" in response.text
+    still_serving(app)
+
+
+# --- bad checkpoints, through the app -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """An empty Hugging Face cache, and a Hub on loopback that answers like the real one for missing and gated
+    repos (and counts the requests it gets)."""
+    requests = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            gated = "gated" in self.path
+            self.send_response(403 if gated else 404)
+            self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "no"}')
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    yield requests
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("case", ["corrupt safetensors", "mismatched shapes", "not a ViT (ResNet)", "pickle carrying code", "missing repo", "gated repo", "unreachable Hub"])
+def test_bad_checkpoint_gets_a_message_and_the_app_keeps_its_model(app, fake_hub, monkeypatch, case):
+    source, expected = app.bad[case]
+    if case == "unreachable Hub":
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    classify(app, CHELSEA)  # the good model is loaded
+    before = app.demo.registry.get(app.good)
+    message, elapsed = refusal(app, CHELSEA, model=source)
+    print(f"\n{case}: {message!r} ({elapsed:.2f} s)")
+    assert expected in message
+    if case == "unreachable Hub":
+        assert elapsed < 10, f"{elapsed:.1f} s: huggingface_hub's retries were not avoided"
+    message_explain, _ = refusal(app, CHELSEA, api_name="/explain", model=source)
+    assert expected in message_explain
+    assert source not in app.demo.registry.loaded()
+    assert not app.marker.exists(), "the pickle's code was executed"
+    still_serving(app)
+    assert app.demo.registry.get(app.good) is before  # the same model, not loaded again
+
+
+def test_the_code_payload_would_run_if_unpickled(app, tmp_path):
+    """The positive control for the test above: the same payload, loaded without weights_only, does run."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "control.pth"
+    torch.save({"class_token": CodePayload(str(marker))}, path)
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_missing_config_gets_a_message(app, fake_hub):
+    from gradio_client.exceptions import AppError
+
+    try:
+        got = classify(app, CHELSEA, model=app.no_config)
+    except AppError as e:
+        message = str(e)
+    else:
+        pytest.fail(f"answered {got} (12 guessed heads, made-up labels) instead of saying that config.json is missing")
+    assert "config.json" in message and "Traceback" not in message
+    still_serving(app)
+
+
+# --- untrusted visitors ---------------------------------------------------------------------------------------
+
+
+UNTRUSTED = ["/etc/passwd", "../x", "someone/repo", "~/.cache/huggingface", "./tests", "a/b/c", "google/vit-large-patch16-224"]
+
+
+@pytest.mark.parametrize("name", UNTRUSTED + ["<a local copy of the served checkpoint>"])
+def test_models_not_on_offer_are_refused(app, fake_hub, name):
+    if name.startswith("<"):
+        name = str(app.tmp / "copy-of-good")
+        if not Path(name).exists():
+            shutil.copytree(app.good, name)
+    assert app.demo.registry.allow_any is False
+    message, _ = refusal(app, CHELSEA, model=name)
+    assert f"'{name}' is not one of the models this app offers: pick one from the list." in message
+    message, _ = refusal(app, CHELSEA, api_name="/explain", model=name)
+    assert "is not one of the models" in message
+    assert fake_hub == [], "the Hub was asked"
+    assert name not in app.demo.registry.loaded()
+    still_serving(app)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../x", "./tests", "~/.cache/huggingface", "a/b/c", "a/../b", "<a local copy of the served checkpoint>"])
+def test_allow_any_model_still_refuses_local_paths(app, fake_hub, monkeypatch, name):
+    if name.startswith("<"):
+        name = str(app.tmp / "copy-of-good")
+        if not Path(name).exists():
+            shutil.copytree(app.good, name)
+    monkeypatch.setattr(app.demo.registry, "allow_any", True)
+    message, _ = refusal(app, CHELSEA, model=name)
+    assert f"'{name}' is not one of the models this app offers" in message
+    assert fake_hub == []
+    assert name not in app.demo.registry.loaded()
+
+
+def test_allow_any_model_lets_hub_ids_through(app, fake_hub, monkeypatch):
+    """With VIT_DEMO_ALLOW_ANY_MODEL=1 a Hub id is looked up (here on the loopback Hub, which has none)."""
+    monkeypatch.setattr(app.demo.registry, "allow_any", True)
+    message, _ = refusal(app, CHELSEA, model="someone/repo")
+    assert "No model someone/repo was found on the Hugging Face Hub" in message
+    assert fake_hub, "the Hub was not asked"
+    assert all(p.startswith(("/api/models/someone/repo", "/someone/repo")) for p in fake_hub), fake_hub
+
+
+def test_loaded_models_are_bounded(app):
+    reg = app.demo.registry
+    assert isinstance(reg.capacity, int) and 1 <= reg.capacity <= 3
+    for name in app.extra + [app.good]:
+        got = classify(app, CHELSEA, model=name)
+        assert len(got) == 5
+        assert len(reg.loaded()) <= reg.capacity
+    assert reg.loaded()[-1] == app.good
+
+
+# --- the queue ------------------------------------------------------------------------------------------------
+
+
+def test_queue_is_bounded(app):
+    queue = app.demo._queue
+    assert queue.max_size == 64
+    assert app.demo.max_file_size == 20 * 1024 * 1024  # LAUNCH_KWARGS' "20mb"
+
+
+def test_a_full_queue_tells_the_visitor_to_retry(app, monkeypatch):
+    """With the queue shrunk to 2 and the model held up: 4 requests run, 2 wait, the next are told to retry;
+    once the model is let go, the held and waiting requests are answered as usual."""
+    from gradio_client import handle_file
+    from gradio_client.utils import QueueError
+
+    clf = app.demo.registry.get(app.good)
+    queue = app.demo._queue
+    release = threading.Event()
+    running = []
+    predict = clf.predict
+
+    def held(*args, **kwargs):
+        running.append(1)
+        release.wait(timeout=REQUEST_SECONDS)
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(clf, "predict", held)
+    monkeypatch.setattr(queue, "max_size", 2)
+    submit = lambda: app.client.submit(image=handle_file(str(CHELSEA)), api_name="/classify")  # noqa: E731
+    try:
+        admitted = [submit() for _ in range(6)]
+        deadline = time.monotonic() + REQUEST_SECONDS
+        while (len(running) < 4 or len(queue) < 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(running) == 4 and len(queue) == 2, (len(running), len(queue))
+        for job in [submit() for _ in range(3)]:
+            with pytest.raises(QueueError) as info:
+                job.result(timeout=REQUEST_SECONDS)
+            print(f"\nfull queue: {type(info.value).__name__}: {info.value}")
+            assert str(info.value) == QUEUE_FULL
+    finally:
+        release.set()
+    expected = app.reference.predict(Image.open(CHELSEA), k=5)
+    for job in admitted:
+        assert_same(confidences(job.result(timeout=2 * REQUEST_SECONDS)), expected, "a request that waited")
+    monkeypatch.undo()
+    assert queue.max_size == 64
+    still_serving(app)

@@ -1,0 +1,251 @@
+"""The launched app under load: 16 gradio_client clients in 16 threads, for 30 s, mixing /classify and /explain.
+
+Every request must succeed, every /classify answer must equal the single-request answer for the same image (same
+labels in the same order, probabilities within 1e-4), every /explain overlay that is checked must equal the
+single-request overlay, and the process's resident memory (the app runs in this process) must not grow by more
+than 300 MB. All traffic stays on 127.0.0.1; every loop stops by itself (a deadline and an iteration cap).
+Run with -s to see the figures: requests done, failures, latencies per endpoint, memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import EXAMPLES, make_transformers
+from vit_demo.registry import Registry
+
+LABELS = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape"]
+IMAGES = [str(EXAMPLES / name) for name in ("chelsea.jpg", "astronaut.jpg", "coffee.jpg", "rocket.jpg")]
+CLIENTS = 16
+DURATION_S = 30.0
+MAX_ITERATIONS = 2000  # per thread, whatever the deadline
+MAX_RSS_GROWTH_MB = 300
+CHECK_OVERLAY_EVERY = 4  # fetch and compare one /explain overlay in this many
+# Fetching an overlay file can fail while another request rewrites the same file (Gradio's save_pil_to_cache
+# truncates and rewrites a content-addressed file in place): counted and printed here, and pinned down by
+# test_identical_overlays_are_not_rewritten_in_place below. The gradio_client requests themselves must all succeed.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb() -> float:
+    """This process's resident memory, from /proc/self/status (VmRSS, in kB)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The app's URL, serving one small checkpoint (224 px, 32 px patches, 7 classes); closed at the end."""
+    from vit_demo.ui import LAUNCH_KWARGS, build_demo
+
+    tmp = tmp_path_factory.mktemp("load")
+    with pytest.MonkeyPatch.context() as mp:
+        (tmp / "gradio").mkdir()
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
+        mp.setenv("TMPDIR", str(tmp))
+        ref = make_transformers(
+            tmp / "ckpt", "small", image_size=224, patch_size=32, num_labels=7,
+            id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
+        )
+        demo = build_demo(Registry([str(ref.path)], default=str(ref.path)))
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **LAUNCH_KWARGS)
+        assert url.startswith("http://127.0.0.1:"), url
+        try:
+            yield url
+        finally:
+            demo.close(verbose=False)
+
+
+def confidences(result) -> list[tuple[str, float]]:
+    assert isinstance(result, dict) and "confidences" in result, result
+    return [(c["label"], c["confidence"]) for c in result["confidences"]]
+
+
+def overlay_pixels(result, http: httpx.Client) -> np.ndarray:
+    assert isinstance(result, dict) and str(result.get("url", "")).startswith("http://127.0.0.1:"), result
+    response = http.get(result["url"])
+    response.raise_for_status()
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
+
+
+def differs(got: list[tuple[str, float]], expected: list[tuple[str, float]]) -> str | None:
+    if [label for label, _ in got] != [label for label, _ in expected]:
+        return f"labels {[l for l, _ in got]} != {[l for l, _ in expected]}"
+    diff = max(abs(p - q) for (_, p), (_, q) in zip(got, expected))
+    return f"probabilities differ by {diff:.3g}" if diff > 1e-4 else None
+
+
+def p(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def test_sixteen_clients_for_thirty_seconds(served):
+    from gradio_client import Client, handle_file
+
+    url = served
+    http = httpx.Client(timeout=30)
+    t_setup = time.monotonic()
+
+    # The single-request answers, one client, one request at a time.
+    single = Client(url, download_files=False, verbose=False)
+    expected_labels, expected_overlay = {}, {}
+    for image in IMAGES:
+        expected_labels[image] = confidences(single.predict(image=handle_file(image), api_name="/classify"))
+        assert len(expected_labels[image]) == 5
+        expected_overlay[image] = overlay_pixels(single.predict(image=handle_file(image), method="rollout", api_name="/explain"), http)
+    single.close()
+    answers = list(expected_labels.values())
+    assert any(differs(a, b) for a in answers for b in answers), "the images look alike to the model: a mix-up would go unseen"
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        clients = list(pool.map(lambda _: Client(url, download_files=False, verbose=False), range(CLIENTS)))
+    lock = threading.Lock()
+    latencies = {"/classify": [], "/explain": []}
+    failures: list[str] = []
+    mismatches: list[str] = []
+    broken_fetches: list[str] = []  # overlay files that came back truncated: see test_identical_overlays_are_not_rewritten_in_place
+    overlays_checked = [0]
+    iterations = [0] * CLIENTS
+
+    print(f"\nsingle-request answers and {CLIENTS} clients ready in {time.monotonic() - t_setup:.1f} s")
+    gc.collect()
+    rss_before = rss_mb()
+    start = time.monotonic()
+    deadline = start + DURATION_S
+    rss_samples: list[tuple[float, float]] = []
+
+    def sample_memory() -> None:  # one sample a second while the clients run
+        while time.monotonic() < deadline:
+            rss_samples.append((time.monotonic() - start, rss_mb()))
+            time.sleep(1.0)
+
+    sampler = threading.Thread(target=sample_memory, daemon=True)
+    sampler.start()
+
+    def worker(n: int) -> None:
+        client = clients[n]
+        with httpx.Client(timeout=30) as own_http:
+            for i in range(MAX_ITERATIONS):
+                if time.monotonic() >= deadline:
+                    break
+                iterations[n] = i + 1
+                image = IMAGES[(n + i // 2) % len(IMAGES)]
+                api_name = "/classify" if (n + i) % 2 == 0 else "/explain"
+                t0 = time.perf_counter()
+                try:
+                    if api_name == "/classify":
+                        result = client.predict(image=handle_file(image), api_name="/classify")
+                    else:
+                        result = client.predict(image=handle_file(image), method="rollout", api_name="/explain")
+                    elapsed = time.perf_counter() - t0
+                    if api_name == "/classify":
+                        problem = differs(confidences(result), expected_labels[image])
+                    else:
+                        assert isinstance(result, dict) and result.get("url"), result
+                        problem = None
+                except Exception as e:  # noqa: BLE001: every failure is counted and shown
+                    with lock:
+                        failures.append(f"client {n}, {api_name} {image}: {type(e).__name__}: {e}")
+                    continue
+                if api_name == "/explain" and i % (2 * CHECK_OVERLAY_EVERY) < 2:  # fetch the file, as the page does
+                    try:
+                        got = overlay_pixels(result, own_http)
+                    except (httpx.HTTPError, OSError) as e:
+                        with lock:
+                            broken_fetches.append(f"client {n}, {image}: {type(e).__name__}: {e}")
+                    except Exception as e:  # noqa: BLE001
+                        with lock:
+                            failures.append(f"client {n}, fetching the overlay of {image}: {type(e).__name__}: {e}")
+                    else:
+                        with lock:
+                            overlays_checked[0] += 1
+                        if not np.array_equal(got, expected_overlay[image]):
+                            problem = "the overlay differs"
+                with lock:
+                    latencies[api_name].append(elapsed)
+                    if problem:
+                        mismatches.append(f"client {n}, {api_name} {image}: {problem}")
+
+    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=DURATION_S + 60)
+    wall = time.monotonic() - start
+    stuck = sum(t.is_alive() for t in threads)
+    sampler.join(timeout=5)
+    gc.collect()
+    rss_after = rss_mb()
+    t_close = time.monotonic()
+    with ThreadPoolExecutor(CLIENTS) as pool:  # each close waits up to 1 s for its heartbeat thread
+        list(pool.map(lambda c: c.close(), clients))
+    http.close()
+    print(f"clients closed in {time.monotonic() - t_close:.1f} s")
+
+    done = sum(len(v) for v in latencies.values())
+    print(
+        f"\n{CLIENTS} clients, {wall:.1f} s: {done} requests answered ({done / wall:.1f}/s), {len(failures)} failed, "
+        f"{len(mismatches)} answers differed from the single-request answer; {overlays_checked[0]} overlays fetched "
+        f"and compared, {len(broken_fetches)} overlay files came back truncated {broken_fetches[:2]}"
+    )
+    for name, values in latencies.items():
+        print(f"  {name}: {len(values)} requests, p50 {1000 * p(values, 50):.0f} ms, p95 {1000 * p(values, 95):.0f} ms, "
+              f"max {1000 * max(values, default=float('nan')):.0f} ms")
+    print(f"  iterations per client: min {min(iterations)}, max {max(iterations)}")
+    print(f"  resident memory: {rss_before:.0f} MB before, {rss_after:.0f} MB after, growth {rss_after - rss_before:+.0f} MB; "
+          f"every 5 s: {', '.join(f'{m:.0f}' for _, m in rss_samples[::5])} MB")
+
+    assert stuck == 0, f"{stuck} client threads did not stop"
+    assert not failures, f"{len(failures)} failed requests, e.g. {failures[:3]}"
+    assert not mismatches, f"{len(mismatches)} answers differed, e.g. {mismatches[:3]}"
+    assert wall >= DURATION_S - 1 or max(iterations) == MAX_ITERATIONS
+    assert min(iterations) >= 2, "a client got no turn at both endpoints"
+    assert len(latencies["/classify"]) >= CLIENTS and len(latencies["/explain"]) >= CLIENTS
+    assert overlays_checked[0] >= 1
+    assert rss_after - rss_before < MAX_RSS_GROWTH_MB, f"resident memory grew by {rss_after - rss_before:.0f} MB"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Gradio's processing_utils.save_pil_to_cache writes every output image with Path.write_bytes into a folder "
+    "named by its content hash: the same overlay (same image, same settings) is truncated and rewritten in place "
+    "while other visitors download it, who then get 0 bytes or a truncated PNG (seen under load). "
+    "Fix: write to a temporary file and os.replace() it, or skip the write when the file exists (see the report)."
+))
+def test_identical_overlays_are_not_rewritten_in_place(served):
+    """Two identical /explain answers share one file; the second must not rewrite it in place (a new inode from an
+    atomic replace, or an untouched file, are both fine)."""
+    import os
+
+    from gradio_client import Client, handle_file
+
+    client = Client(served, download_files=False, verbose=False)
+    try:
+        first = client.predict(image=handle_file(IMAGES[0]), method="attention", alpha=0.3, api_name="/explain")
+        before = os.stat(first["path"])
+        time.sleep(0.05)  # past the file system's timestamp granularity
+        second = client.predict(image=handle_file(IMAGES[0]), method="attention", alpha=0.3, api_name="/explain")
+        after = os.stat(second["path"])
+    finally:
+        client.close()
+    assert first["path"] == second["path"]  # content-addressed: both answers name the same file
+    rewritten_in_place = after.st_ino == before.st_ino and after.st_mtime_ns != before.st_mtime_ns
+    assert not rewritten_in_place, f"{first['path']} was truncated and rewritten while it could be downloaded"
