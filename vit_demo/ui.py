@@ -153,7 +153,8 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
                          head_fusion=head_fusion, discard_ratio=float(discard_ratio), alpha=float(alpha))
         return overlay, Image.fromarray(crop.permute(1, 2, 0).squeeze(-1).numpy())
 
-    def on_model_change(name):
+    def on_model_change(name, progress=gr.Progress()):
+        progress(0, desc=f"Loading {name} (the first time, it is downloaded from the Hugging Face Hub)")
         clf = get_model(name)
         c = clf.config
         return (
