@@ -205,9 +205,9 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
                         with gr.Row():
                             overlay = gr.Image(label="Where it looked", type="pil", format="png", elem_id="overlay", interactive=False)
                             crop = gr.Image(label="The crop the model saw", type="pil", format="png", elem_id="crop", interactive=False)
-        crop_state = gr.State()
-
-        info_state = gr.State()
+        # Extra outputs travel through State and a private follow-up event, so /classify returns just the Label
+        # and /explain just the image (gradio_client does not see State).
+        info_state, crop_state = gr.State(), gr.State()
         classify_btn.click(classify, [image, top_k, model], [label, info_state], api_name="classify").then(
             lambda info: info, info_state, answered, api_name="show_info", api_visibility="private"
         )
@@ -215,6 +215,7 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
         explain_btn.click(explain, explain_inputs, [overlay, crop_state], api_name="explain").then(
             lambda c: c, crop_state, crop, api_name="show_crop", api_visibility="private"
         )
+
         def explain_live(image, *args):  # redraw as the controls move, once there is a photo
             return (gr.skip(), gr.skip()) if image is None else explain(image, *args)
 
