@@ -23,7 +23,8 @@ EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 METHOD_CHOICES = [("Attention rollout", "rollout"), ("Class-token attention (one layer)", "attention"), ("All heads of one layer", "heads")]
 MAX_FILE_SIZE = "20mb"
 UNREADABLE = "This file could not be read as an image (it may be truncated or damaged): try another file."
-MAX_MEGAPIXELS = 40  # larger images are refused from their header, before decoding
+MAX_MEGAPIXELS = 40
+MIN_VIEW = 224  # maps of smaller crops are drawn larger, by a whole factor  # larger images are refused from their header, before decoding
 
 try:  # On Hugging Face ZeroGPU hardware, inference runs under spaces.GPU; elsewhere this changes nothing.
     import spaces
@@ -147,6 +148,9 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
             crop, attns, _ = clf.attention(path, key=path)
         except (OSError, SyntaxError) as e:
             raise gr.Error(UNREADABLE) from e
+        scale = -(-MIN_VIEW // max(crop.shape[1:]))  # small crops (28x28) are enlarged, pixels kept sharp
+        if scale > 1:
+            crop = crop.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)  # (C, H * s, W * s)
         layer = min(max(int(layer), 1), clf.config.depth) - 1
         head_idx = None if head in (None, "", "mean") else min(max(int(head), 1), clf.config.num_heads) - 1
         overlay = render(crop, attns, clf.config.num_prefix_tokens, method, layer=layer, head=head_idx,
