@@ -580,9 +580,14 @@ def test_a_full_queue_tells_the_visitor_to_retry(app, monkeypatch):
     monkeypatch.setattr(queue, "max_size", 2)
     submit = lambda: app.client.submit(image=handle_file(str(CHELSEA)), api_name="/classify")  # noqa: E731
     try:
-        admitted = [submit() for _ in range(6)]
+        # Fill the workers first, then the queue: submitted all at once, three could be waiting at the same
+        # moment before the workers took theirs, and the queue would refuse one of the six.
+        admitted = [submit() for _ in range(4)]
         deadline = time.monotonic() + REQUEST_SECONDS
-        while (len(running) < 4 or len(queue) < 2) and time.monotonic() < deadline:
+        while len(running) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        admitted += [submit() for _ in range(2)]
+        while len(queue) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(running) == 4 and len(queue) == 2, (len(running), len(queue))
         for job in [submit() for _ in range(3)]:
