@@ -1,8 +1,6 @@
 """Every way a checkpoint can fail to load gives one ModelLoadError whose message says what to do."""
 
-import http.server
 import pickle
-import threading
 import time
 
 import pytest
@@ -18,31 +16,6 @@ def empty_online_cache(tmp_path, monkeypatch):
     """No cached models and HF_HUB_OFFLINE off: every load goes to the Hub endpoint."""
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, empty_online_cache):
-    """A local HTTP server answering like the Hub does for missing and gated repos (X-Error-Code headers)."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            gated = "gated" in self.path
-            self.send_response(403 if gated else 404)
-            self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"error": "no"}')
-
-        do_HEAD = do_GET
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-    yield server
-    server.shutdown()
 
 
 def _error(source, **kw) -> str:

@@ -9,11 +9,9 @@ within seconds, and the next request must be answered as usual. Every Hub reques
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import os
-import pickle
 import shutil
 import socket
 import struct
@@ -421,37 +419,6 @@ def test_upload_over_the_size_cap_is_refused(app):
 
 
 # --- bad checkpoints, through the app -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    """An empty Hugging Face cache, and a Hub on loopback that answers like the real one for missing and gated
-    repos (and counts the requests it gets)."""
-    requests = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            requests.append(self.path)
-            gated = "gated" in self.path
-            self.send_response(403 if gated else 404)
-            self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"error": "no"}')
-
-        do_HEAD = do_GET
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-    yield requests
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.mark.parametrize("case", ["corrupt safetensors", "mismatched shapes", "not a ViT (ResNet)", "pickle carrying code", "missing repo", "gated repo", "unreachable Hub"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import io
 import socket
-import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor

@@ -1,7 +1,6 @@
 """vit_demo's input tensor equals each reference library's own preprocessing of a real photo (<= 1e-3)."""
 
 import pytest
-import torch
 from PIL import Image
 
 from conftest import EXAMPLES, assert_close, make_timm, make_torchvision, make_transformers

@@ -173,7 +173,7 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
             "Give it a photo: it is cut into patches, the transformer attends between them, and the class token's "
             "final state is classified. **Classify** shows the top classes; **Attention** shows where it looked."
         )
-        status = gr.Markdown(notice, elem_id="status")
+        gr.Markdown(notice, elem_id="status")
         with gr.Row():
             with gr.Column(scale=1):
                 image = PhotoInput(
