@@ -6,10 +6,12 @@ torchvision) with random weights, then loaded through vit_demo and compared.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import os
 import shutil
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +102,40 @@ def make_torchvision(out: Path, size: str = "small", arch: str = "vit_b_16", suf
     else:
         torch.save(model.state_dict(), path)
     return Reference(path, model, model, model.image_size)
+
+
+LABELS = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape"]
+
+
+def make_fruit_checkpoint(out: Path) -> Path:
+    """A small transformers ViT (224 px, 32 px patches) with 7 named classes, as the app tests serve it."""
+    return make_transformers(
+        out, "small", image_size=224, patch_size=32, num_labels=7,
+        id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
+    ).path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched(registry, tmp: Path):
+    """The real app for `registry` on a free loopback port, with its own temp folders; yields (demo, url)."""
+    from vit_demo.ui import LAUNCH_KWARGS, build_demo
+
+    with pytest.MonkeyPatch.context() as mp:
+        (tmp / "gradio").mkdir(exist_ok=True)
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))  # gradio_client and gradio write files per request
+        mp.setenv("TMPDIR", str(tmp))
+        demo = build_demo(registry)
+        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **LAUNCH_KWARGS)
+        try:
+            yield demo, url
+        finally:
+            demo.close(verbose=False)
 
 
 def lay_out_hub_cache(hf_home: Path, repo_id: str, folder: Path) -> str:

@@ -6,7 +6,6 @@ test's own, and the client does not download results (download_files=False): ima
 """
 
 import io
-import socket
 import time
 
 import httpx
@@ -14,18 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, make_transformers
+from conftest import EXAMPLES, LABELS, launched, make_fruit_checkpoint, make_transformers
 from vit_demo import ModelLoadError, load_classifier
 from vit_demo.registry import BUNDLED_NAME, CURATED, DEFAULT_MODEL, Registry, bundled_available
 
-LABELS = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape"]
 CHELSEA = str(EXAMPLES / "chelsea.jpg")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,25 +26,14 @@ def served(tmp_path_factory):
     """(client, checkpoint path, demo): the app serving one small checkpoint, closed at the end."""
     from gradio_client import Client
 
-    from vit_demo.ui import LAUNCH_KWARGS, build_demo
-
     tmp = tmp_path_factory.mktemp("app")
-    with pytest.MonkeyPatch.context() as mp:
-        (tmp / "gradio").mkdir()
-        mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
-        mp.setenv("TMPDIR", str(tmp))
-        ref = make_transformers(
-            tmp / "ckpt", "small", image_size=224, patch_size=32, num_labels=7,
-            id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
-        )
-        demo = build_demo(Registry([str(ref.path)], default=str(ref.path)))
-        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **LAUNCH_KWARGS)
+    path = make_fruit_checkpoint(tmp / "ckpt")
+    with launched(Registry([str(path)], default=str(path)), tmp) as (demo, url):
         client = Client(url, download_files=False, verbose=False)
         try:
-            yield client, ref.path, demo
+            yield client, path, demo
         finally:
             client.close()
-            demo.close(verbose=False)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import shutil
-import socket
 import struct
 import threading
 import time
@@ -27,11 +27,10 @@ import torch
 from huggingface_hub import constants
 from PIL import Image, ImageOps
 
-from conftest import EXAMPLES, make_timm, make_transformers
+from conftest import EXAMPLES, LABELS, free_port, launched, make_fruit_checkpoint, make_timm, make_transformers
 from vit_demo import load_classifier
 from vit_demo.registry import Registry
 
-LABELS = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape"]
 CHELSEA = EXAMPLES / "chelsea.jpg"
 REQUEST_SECONDS = 30  # generous: the point is that nothing hangs
 GENERIC = "has not enabled verbose error reporting"  # gradio_client's text for an exception that is not a gr.Error
@@ -40,11 +39,6 @@ DAMAGED = "This file could not be read as an image (it may be truncated or damag
 TOO_LARGE = "This image has more than 40 megapixels: scale it down and try again."
 QUEUE_FULL = "Queue is full! Please try again."
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class CodePayload:
@@ -162,56 +156,46 @@ def app(tmp_path_factory):
     from safetensors.torch import load_file, save_file
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    from vit_demo.ui import LAUNCH_KWARGS, build_demo
-
     tmp = tmp_path_factory.mktemp("inputs")
     a = App()
     a.tmp = tmp
-    with pytest.MonkeyPatch.context() as mp:
-        (tmp / "gradio").mkdir()
-        mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
-        mp.setenv("TMPDIR", str(tmp))
-        good = make_transformers(
-            tmp / "good", "small", image_size=224, patch_size=32, num_labels=7,
-            id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
-        ).path
-        # Checkpoints that must each give a message and leave the app as it was.
-        corrupt = make_transformers(tmp / "corrupt", "small").path
-        data = (corrupt / "model.safetensors").read_bytes()
-        (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
-        shapes = make_timm(tmp / "shapes", "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).path
-        sd = load_file(str(shapes / "model.safetensors"))
-        sd["blocks.1.mlp.fc1.weight"] = torch.zeros(100, 192)
-        save_file(sd, str(shapes / "model.safetensors"))
-        # No config.json: 96 wide with 4 heads, so the 12 heads guessed without a config divide the width too.
-        no_config = make_transformers(tmp / "no-config", "small", hidden_size=96, num_attention_heads=4, num_labels=3).path
-        (no_config / "config.json").unlink()
-        resnet = tmp / "resnet"
-        ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)).save_pretrained(resnet)
-        a.marker = tmp / "pickle-code-ran"
-        evil = tmp / "evil" / "vit_b_16.pth"
-        evil.parent.mkdir()
-        torch.save({"class_token": CodePayload(str(a.marker))}, evil)
-        # A model whose preprocessing resizes the shorter side (timm's recipe), and three more to fill the cache.
-        timm_vit = make_timm(tmp / "timm", "vit_tiny_patch16_224", depth=2).path
-        # A grayscale model that pads photos to a square on a dark ground, as the bundled Fashion-MNIST one does.
-        dark = make_transformers(tmp / "dark", "small", image_size=28, patch_size=7, num_channels=1, num_labels=10).path
-        pp_path = dark / "preprocessor_config.json"
-        pp_path.write_text(json.dumps({**json.loads(pp_path.read_text()), "do_dark_background": True}))
-        extra = [str(make_transformers(tmp / f"extra{i}", "small").path) for i in range(3)]
-        a.bad = {
-            "corrupt safetensors": (str(corrupt), "model.safetensors is not a readable safetensors file (it may be truncated): download it again."),
-            "mismatched shapes": (str(shapes), "do not fit together as a ViT"),
-            "not a ViT (ResNet)": (str(resnet), "is a 'resnet' model, not a ViT"),
-            "pickle carrying code": (str(evil), "vit_b_16.pth contains more than tensors (objects or code) and was refused: use a safetensors file."),
-            "missing repo": ("someone/no-such-vit", "No model someone/no-such-vit was found on the Hugging Face Hub"),
-            "gated repo": ("someone/gated-vit", "someone/gated-vit is a gated model: accept its terms on its Hub page"),
-            "unreachable Hub": ("google/vit-base-patch16-224", "The Hugging Face Hub could not be reached to download google/vit-base-patch16-224"),
-        }
-        a.good, a.no_config, a.timm, a.dark, a.extra = str(good), str(no_config), str(timm_vit), str(dark), extra
-        choices = [a.good] + [src for src, _ in a.bad.values()] + [a.no_config, a.timm, a.dark] + extra
-        a.demo = build_demo(Registry(choices, default=a.good))
-        _, a.url, _ = a.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **LAUNCH_KWARGS)
+    good = make_fruit_checkpoint(tmp / "good")
+    # Checkpoints that must each give a message and leave the app as it was.
+    corrupt = make_transformers(tmp / "corrupt", "small").path
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    shapes = make_timm(tmp / "shapes", "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).path
+    sd = load_file(str(shapes / "model.safetensors"))
+    sd["blocks.1.mlp.fc1.weight"] = torch.zeros(100, 192)
+    save_file(sd, str(shapes / "model.safetensors"))
+    # No config.json: 96 wide with 4 heads, so the 12 heads guessed without a config divide the width too.
+    no_config = make_transformers(tmp / "no-config", "small", hidden_size=96, num_attention_heads=4, num_labels=3).path
+    (no_config / "config.json").unlink()
+    resnet = tmp / "resnet"
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)).save_pretrained(resnet)
+    a.marker = tmp / "pickle-code-ran"
+    evil = tmp / "evil" / "vit_b_16.pth"
+    evil.parent.mkdir()
+    torch.save({"class_token": CodePayload(str(a.marker))}, evil)
+    # A model whose preprocessing resizes the shorter side (timm's recipe), and three more to fill the cache.
+    timm_vit = make_timm(tmp / "timm", "vit_tiny_patch16_224", depth=2).path
+    # A grayscale model that pads photos to a square on a dark ground, as the bundled Fashion-MNIST one does.
+    dark = make_transformers(tmp / "dark", "small", image_size=28, patch_size=7, num_channels=1, num_labels=10).path
+    pp_path = dark / "preprocessor_config.json"
+    pp_path.write_text(json.dumps({**json.loads(pp_path.read_text()), "do_dark_background": True}))
+    extra = [str(make_transformers(tmp / f"extra{i}", "small").path) for i in range(3)]
+    a.bad = {
+        "corrupt safetensors": (str(corrupt), "model.safetensors is not a readable safetensors file (it may be truncated): download it again."),
+        "mismatched shapes": (str(shapes), "do not fit together as a ViT"),
+        "not a ViT (ResNet)": (str(resnet), "is a 'resnet' model, not a ViT"),
+        "pickle carrying code": (str(evil), "vit_b_16.pth contains more than tensors (objects or code) and was refused: use a safetensors file."),
+        "missing repo": ("someone/no-such-vit", "No model someone/no-such-vit was found on the Hugging Face Hub"),
+        "gated repo": ("someone/gated-vit", "someone/gated-vit is a gated model: accept its terms on its Hub page"),
+        "unreachable Hub": ("google/vit-base-patch16-224", "The Hugging Face Hub could not be reached to download google/vit-base-patch16-224"),
+    }
+    a.good, a.no_config, a.timm, a.dark, a.extra = str(good), str(no_config), str(timm_vit), str(dark), extra
+    choices = [a.good] + [src for src, _ in a.bad.values()] + [a.no_config, a.timm, a.dark] + extra
+    with launched(Registry(choices, default=a.good), tmp) as (a.demo, a.url):
         a.client = Client(a.url, download_files=False, verbose=False)
         a.reference = load_classifier(good, device="cpu")
         (tmp / "images").mkdir()
@@ -222,7 +206,6 @@ def app(tmp_path_factory):
             yield a
         finally:
             a.client.close()
-            a.demo.close(verbose=False)
 
 
 def confidences(result) -> list[tuple[str, float]]:
@@ -445,8 +428,10 @@ def test_the_code_payload_would_run_if_unpickled(app, tmp_path):
     """The positive control for the test above: the same payload, loaded without weights_only, does run."""
     marker = tmp_path / "ran"
     path = tmp_path / "control.pth"
-    torch.save({"class_token": CodePayload(str(marker))}, path)
-    torch.load(path, weights_only=False)
+    with open(path, "wb") as f:
+        pickle.dump({"class_token": CodePayload(str(marker))}, f)
+    with open(path, "rb") as f:
+        pickle.load(f)  # unrestricted unpickling, as weights_only=False allows
     assert marker.exists()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import io
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, make_transformers
+from conftest import EXAMPLES, launched, make_fruit_checkpoint
 from vit_demo.registry import Registry
 
-LABELS = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape"]
 IMAGES = [str(EXAMPLES / name) for name in ("chelsea.jpg", "astronaut.jpg", "coffee.jpg", "rocket.jpg")]
 CLIENTS = 16
 DURATION_S = 30.0
@@ -35,11 +33,6 @@ CHECK_OVERLAY_EVERY = 4  # fetch and compare one /explain overlay in this many
 # truncates and rewrites a content-addressed file in place): counted and printed here, and pinned down by
 # test_identical_overlays_are_not_rewritten_in_place below. The gradio_client requests themselves must all succeed.
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb() -> float:
@@ -54,24 +47,11 @@ def rss_mb() -> float:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The app's URL, serving one small checkpoint (224 px, 32 px patches, 7 classes); closed at the end."""
-    from vit_demo.ui import LAUNCH_KWARGS, build_demo
-
     tmp = tmp_path_factory.mktemp("load")
-    with pytest.MonkeyPatch.context() as mp:
-        (tmp / "gradio").mkdir()
-        mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
-        mp.setenv("TMPDIR", str(tmp))
-        ref = make_transformers(
-            tmp / "ckpt", "small", image_size=224, patch_size=32, num_labels=7,
-            id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
-        )
-        demo = build_demo(Registry([str(ref.path)], default=str(ref.path)))
-        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True, **LAUNCH_KWARGS)
+    path = make_fruit_checkpoint(tmp / "ckpt")
+    with launched(Registry([str(path)], default=str(path)), tmp) as (_, url):
         assert url.startswith("http://127.0.0.1:"), url
-        try:
-            yield url
-        finally:
-            demo.close(verbose=False)
+        yield url
 
 
 def confidences(result) -> list[tuple[str, float]]:
