@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 from conftest import EXAMPLES, LABELS, free_port, launched, make_fruit_checkpoint, make_timm, make_transformers
 from vit_demo import load_classifier
 from vit_demo.registry import Registry
+from vit_demo.runtime import MAX_BATCH
 
 CHELSEA = EXAMPLES / "chelsea.jpg"
 REQUEST_SECONDS = 30  # generous: the point is that nothing hangs
@@ -512,8 +513,8 @@ def test_queue_is_bounded(app):
 
 
 def test_a_full_queue_tells_the_visitor_to_retry(app, monkeypatch):
-    """With the queue shrunk to 2 and the model held up: 4 requests run, 2 wait, the next are told to retry;
-    once the model is let go, the held and waiting requests are answered as usual."""
+    """With the queue shrunk to 2 and the model held up: MAX_BATCH requests run (/classify's workers), 2 wait, the
+    next are told to retry; once the model is let go, the held and waiting requests are answered as usual."""
     from gradio_client import handle_file
     from gradio_client.utils import QueueError
 
@@ -532,16 +533,16 @@ def test_a_full_queue_tells_the_visitor_to_retry(app, monkeypatch):
     monkeypatch.setattr(queue, "max_size", 2)
     submit = lambda: app.client.submit(image=handle_file(str(CHELSEA)), api_name="/classify")  # noqa: E731
     try:
-        # Fill the workers first, then the queue: submitted all at once, three could be waiting at the same
-        # moment before the workers took theirs, and the queue would refuse one of the six.
-        admitted = [submit() for _ in range(4)]
-        deadline = time.monotonic() + REQUEST_SECONDS
-        while len(running) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # Fill the workers first, one at a time (the queue holds just 2 while they are taken), then the queue.
+        admitted, deadline = [], time.monotonic() + REQUEST_SECONDS
+        for i in range(MAX_BATCH):
+            admitted.append(submit())
+            while len(running) <= i and time.monotonic() < deadline:
+                time.sleep(0.02)
         admitted += [submit() for _ in range(2)]
         while len(queue) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(running) == 4 and len(queue) == 2, (len(running), len(queue))
+        assert len(running) == MAX_BATCH and len(queue) == 2, (len(running), len(queue))
         for job in [submit() for _ in range(3)]:
             with pytest.raises(QueueError) as info:
                 job.result(timeout=REQUEST_SECONDS)
@@ -554,4 +555,31 @@ def test_a_full_queue_tells_the_visitor_to_retry(app, monkeypatch):
         assert_same(confidences(job.result(timeout=2 * REQUEST_SECONDS)), expected, "a request that waited")
     monkeypatch.undo()
     assert queue.max_size == 64
+    still_serving(app)
+
+
+def test_concurrent_visitors_share_forward_passes_and_a_damaged_file_fails_alone(app, monkeypatch):
+    """Ten visitors at once, one with a truncated JPEG: their passes are batched (runtime.Batcher), the damaged
+    file gets its message, and every other visitor gets the answer a lone request gets."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    runtime = app.demo.registry.get(app.good).runtime
+    forward = runtime.batcher.forward
+    monkeypatch.setattr(runtime.batcher, "forward", lambda x: (time.sleep(0.3), forward(x))[1])  # overlap the visitors
+    photos = [EXAMPLES / n for n in ("chelsea.jpg", "astronaut.jpg", "coffee.jpg")] * 3
+    files = photos[:4] + [app.broken["truncated.jpg"]] + photos[4:]
+    runtime.batcher.batch_sizes.clear()
+    jobs = [app.client.submit(image=handle_file(str(f)), api_name="/classify") for f in files]
+    for f, job in zip(files, jobs):
+        if f.name == "truncated.jpg":
+            with pytest.raises(AppError) as info:
+                job.result(timeout=REQUEST_SECONDS)
+            assert str(info.value) == DAMAGED
+        else:
+            assert_same(confidences(job.result(timeout=REQUEST_SECONDS)), app.reference.predict(Image.open(f), k=5), f.name)
+    sizes = runtime.batcher.batch_sizes
+    print(f"\nbatch sizes: {sizes}")
+    assert sum(sizes) == len(photos) and max(sizes) > 1, sizes
+    monkeypatch.undo()
     still_serving(app)

@@ -14,6 +14,7 @@ from . import explain as explain_lib
 from .hub import Checkpoint, ModelLoadError, load_checkpoint
 from .model import VisionTransformer
 from .preprocess import Preprocessor
+from .runtime import Runtime, inference_dtype
 
 
 def default_device() -> torch.device:
@@ -34,10 +35,13 @@ class Classifier:
         config: the model's ViTConfig.
         preprocessor: image -> the exact crop the model sees -> normalised tensor.
         name: where the checkpoint came from.
+        dtype: the precision inference runs in (bfloat16 on CUDA GPUs that have it, else float32).
+        runtime: runs `predict`'s forward passes (CUDA graph for batch 1, concurrent callers batched).
     """
 
-    def __init__(self, checkpoint: Checkpoint, device: str | torch.device | None = None):
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype if dtype is not None else inference_dtype(self.device)
         self.config = checkpoint.config
         try:
             self.model = VisionTransformer(self.config)
@@ -52,7 +56,8 @@ class Classifier:
                 f"{checkpoint.name} does not fit a ViT: missing {_few(result.missing_keys)}, "
                 f"unexpected {_few(result.unexpected_keys)}; it may be a variant vit_demo does not implement."
             )
-        self.model.to(self.device).eval()
+        self.model.to(self.device, self.dtype).eval()
+        self.runtime = Runtime(self.model, self.device, self.dtype)
         self.labels = checkpoint.labels
         self.preprocessor = Preprocessor(checkpoint.preprocess)
         self.name = checkpoint.name
@@ -103,8 +108,7 @@ class Classifier:
         Returns:
             [(label, probability), ...], best first.
         """
-        x = self.preprocessor.normalize(self.crop(image, key))
-        logits = self.model(x.to(self.device))
+        logits = self.runtime(self.preprocessor.normalize(self.crop(image, key)))
         return self.top_k(logits[0], k)
 
     def top_k(self, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
@@ -123,7 +127,8 @@ class Classifier:
         if done is not None:
             return done
         crop = self.crop(image, key)
-        logits, attns = self.model(self.preprocessor.normalize(crop).to(self.device), return_attn=True)
+        x = self.preprocessor.normalize(crop).to(self.device, self.dtype)
+        logits, attns = self.model(x, return_attn=True)
         done = crop, [a[0].float().cpu() for a in attns], logits[0].float().cpu()
         self._remember(key, attention=done)
         return done
@@ -142,17 +147,19 @@ class Classifier:
         return explain_lib.render(crop, attns, self.config.num_prefix_tokens, method, **kwargs)
 
 
-def load_classifier(source: str | os.PathLike, revision: str | None = None, device: str | torch.device | None = None) -> Classifier:
+def load_classifier(source: str | os.PathLike, revision: str | None = None, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> Classifier:
     """Loads a ViT classifier from a Hub repo id, a local folder laid out like one, or a weights file.
 
     Args:
         source: e.g. "google/vit-base-patch16-224", "timm/deit_tiny_patch16_224.fb_in1k", "./folder", "vit_b_16.pth".
         revision: branch, tag or commit for a Hub repo.
         device: "cuda", "mps", "cpu"...; by default the best available.
+        dtype: e.g. torch.float32 to keep full precision on a GPU; by default bfloat16 where supported.
     Raises:
         ModelLoadError: the checkpoint cannot be found, read or understood; the message says what to do.
     """
-    return Classifier(load_checkpoint(source, revision), device)
+    return Classifier(load_checkpoint(source, revision), device, dtype)
 
 
 def _few(keys: list[str], n: int = 3) -> str:

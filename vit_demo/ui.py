@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from .explain import DEFAULT_DISCARD_RATIO, HEAD_FUSIONS, render
 from .hub import ModelLoadError
 from .registry import BUNDLED_NAME, Registry, bundled_available
+from .runtime import MAX_BATCH
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 METHOD_CHOICES = [("Attention rollout", "rollout"), ("Class-token attention (one layer)", "attention"), ("All heads of one layer", "heads")]
@@ -212,7 +213,10 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
         # Extra outputs travel through State and a private follow-up event, so /classify returns just the Label
         # and /explain just the image (gradio_client does not see State).
         info_state, crop_state = gr.State(), gr.State()
-        classify_btn.click(classify, [image, top_k, model], [label, info_state], api_name="classify").then(
+        # Up to MAX_BATCH visitors' images are decoded side by side, each in its own worker (a bad file fails
+        # only its own request), and their forward passes are shared (runtime.Batcher).
+        classify_btn.click(classify, [image, top_k, model], [label, info_state], api_name="classify",
+                           concurrency_limit=MAX_BATCH, concurrency_id="classify").then(
             lambda info: info, info_state, answered, api_name="show_info", api_visibility="private"
         )
         explain_inputs = [image, method, model, layer, head, head_fusion, discard_ratio, alpha]

@@ -1,0 +1,183 @@
+"""How forward passes run (vit_demo/runtime.py): batching of concurrent callers, precision, CUDA graphs.
+
+The batching tests make passes slow on purpose (a sleeping forward), so that callers overlap whatever the
+machine's speed. The bfloat16 tests run on the CPU too; the CUDA graph tests need a GPU and say so when skipped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import EXAMPLES, assert_close, make_fruit_checkpoint
+from vit_demo import load_classifier
+from vit_demo.registry import BUNDLED
+from vit_demo.runtime import Batcher, Runtime, inference_dtype
+
+FASHION = sorted(EXAMPLES.glob("fashion-mnist-*.png"))
+PHOTOS = [EXAMPLES / n for n in ("chelsea.jpg", "astronaut.jpg", "coffee.jpg", "rocket.jpg")]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this machine has none)")
+
+
+def slow_double(delay: float = 0.2):
+    """A forward pass that takes `delay` seconds and returns 2x, recording the batch sizes it saw."""
+    seen = []
+
+    def forward(x):
+        seen.append(x.shape[0])
+        time.sleep(delay)
+        return 2 * x
+
+    return forward, seen
+
+
+def call_together(fn, inputs, start_gap: float = 0.0):
+    """fn(x) for every input, each in its own thread; results (or exceptions) in input order."""
+    def one(x):
+        try:
+            return fn(x)
+        except Exception as e:  # noqa: BLE001 - the test looks at which calls failed
+            return e
+
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        futures = []
+        for x in inputs:
+            futures.append(pool.submit(one, x))
+            time.sleep(start_gap)
+        return [f.result() for f in futures]
+
+
+def test_a_lone_call_runs_at_once_as_batch_of_one():
+    forward, seen = slow_double(0.0)
+    batcher = Batcher(forward)
+    x = torch.arange(4.0).reshape(1, 4)
+    assert torch.equal(batcher(x), 2 * x)
+    assert seen == [1]
+
+
+def test_callers_that_arrive_during_a_pass_share_the_next_one_and_get_their_own_rows():
+    forward, seen = slow_double(0.3)
+    batcher = Batcher(forward, max_batch=16)
+    inputs = [torch.full((1, 3), float(i)) for i in range(8)]
+    # The first call starts a pass alone; the other seven arrive while it sleeps and go together after it.
+    results = call_together(batcher, inputs, start_gap=0.01)
+    for x, y in zip(inputs, results):
+        assert torch.equal(y, 2 * x), (x, y)
+    assert seen == [1, 7], seen
+    assert sum(seen) == len(inputs)
+
+
+def test_batches_never_exceed_max_batch():
+    forward, seen = slow_double(0.2)
+    batcher = Batcher(forward, max_batch=3)
+    inputs = [torch.full((1, 2), float(i)) for i in range(10)]
+    results = call_together(batcher, inputs, start_gap=0.005)
+    for x, y in zip(inputs, results):
+        assert torch.equal(y, 2 * x)
+    assert max(seen) == 3 and sum(seen) == 10, seen
+
+
+def test_a_failing_pass_reaches_its_callers_and_the_next_pass_works():
+    calls = []
+
+    def forward(x):
+        calls.append(x.shape[0])
+        time.sleep(0.2)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return x + 1
+
+    batcher = Batcher(forward)
+    results = call_together(batcher, [torch.zeros(1, 1) for _ in range(4)], start_gap=0.01)
+    assert torch.equal(results[0], torch.ones(1, 1))  # the first pass, alone, succeeded
+    assert all(isinstance(r, RuntimeError) and "out of memory" in str(r) for r in results[1:]), results
+    assert torch.equal(batcher(torch.zeros(1, 1)), torch.ones(1, 1))
+
+
+@pytest.fixture(scope="module")
+def fruit(tmp_path_factory):
+    return load_classifier(make_fruit_checkpoint(tmp_path_factory.mktemp("fruit")), device="cpu")
+
+
+def test_concurrent_predict_equals_one_at_a_time_and_a_bad_image_fails_alone(fruit, tmp_path):
+    bad = tmp_path / "truncated.jpg"
+    bad.write_bytes(PHOTOS[0].read_bytes()[:2000])
+    expected = {p: fruit.predict(p, k=7) for p in PHOTOS}
+    slow = fruit.runtime.batcher.forward
+    fruit.runtime.batcher.forward = lambda x: (time.sleep(0.2), slow(x))[1]  # let the callers overlap
+    try:
+        inputs = PHOTOS * 3 + [bad]
+        results = call_together(lambda p: fruit.predict(p, k=7), inputs, start_gap=0.01)
+    finally:
+        fruit.runtime.batcher.forward = slow
+    assert isinstance(results[-1], OSError), results[-1]
+    for p, got in zip(inputs[:-1], results[:-1]):
+        assert [l for l, _ in got] == [l for l, _ in expected[p]], p
+        assert max(abs(a - b) for (_, a), (_, b) in zip(got, expected[p])) < 1e-5, p
+    assert max(fruit.runtime.batcher.batch_sizes[-3:]) > 1, fruit.runtime.batcher.batch_sizes
+
+
+def test_float32_on_cpu_and_bfloat16_where_cuda_has_it():
+    assert inference_dtype(torch.device("cpu")) == torch.float32
+    if torch.cuda.is_available():
+        expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        assert inference_dtype(torch.device("cuda")) == expected
+
+
+def test_bfloat16_agrees_with_float32_on_the_bundled_model():
+    full = load_classifier(BUNDLED, device="cpu")
+    half = load_classifier(BUNDLED, device="cpu", dtype=torch.bfloat16)
+    assert full.dtype == torch.float32 and next(half.model.parameters()).dtype == torch.bfloat16
+    worst = 0.0
+    for path in FASHION:
+        a, b = full.predict(path, k=10), half.predict(path, k=10)
+        assert a[0][0] == b[0][0], (path.name, a[:2], b[:2])
+        worst = max(worst, max(abs(p - dict(b)[label]) for label, p in a))
+        crop, attns, logits = half.attention(path)
+        assert attns[0].dtype == torch.float32 and logits.dtype == torch.float32
+        assert_close(attns[-1].sum(-1), torch.ones(attns[-1].shape[:-1]), 2e-2, "attention rows sum to 1")
+    assert worst < 1e-2, worst  # measured 8e-4
+
+
+@cuda
+def test_cuda_graph_replays_the_eager_forward():
+    clf = load_classifier(BUNDLED, device="cuda")
+    x = clf.preprocessor(Image.open(FASHION[0]))
+    with torch.inference_mode():
+        eager = clf.model(x.to("cuda", clf.dtype)).float().cpu()
+        graphed = clf.runtime(x)
+        assert clf.runtime._graph is not None, "no CUDA graph was captured"
+        again = clf.runtime(x)
+    assert_close(graphed, eager, 1e-3, "graph vs eager")
+    assert torch.equal(graphed, again)
+
+
+@cuda
+def test_cuda_bfloat16_top1_matches_cpu_float32():
+    gpu = load_classifier(BUNDLED, device="cuda")
+    cpu = load_classifier(BUNDLED, device="cpu")
+    for path in FASHION:
+        assert gpu.predict(path, k=1)[0][0] == cpu.predict(path, k=1)[0][0], path.name
+
+
+@cuda
+def test_cuda_runtime_batches_concurrent_callers():
+    clf = load_classifier(BUNDLED, device="cuda")
+    runtime = Runtime(clf.model, clf.device, clf.dtype)
+    inputs = [clf.preprocessor(Image.open(p)) for p in FASHION] * 4
+    expected = [runtime(x) for x in inputs]
+    barrier = threading.Barrier(len(inputs))
+
+    def one(x):
+        barrier.wait()
+        return runtime(x)
+
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        results = list(pool.map(one, inputs))
+    for got, want in zip(results, expected):
+        assert_close(got, want, 5e-2, "batched vs alone (bfloat16)")
