@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Callable
 
@@ -121,12 +122,14 @@ class Runtime:
     Args:
         model: the VisionTransformer, already on `device` in `dtype`, in eval mode.
         cuda_graphs: capture batch 1 into a CUDA graph (on CUDA devices only); if capture fails, run eagerly.
+        max_batch: the most concurrent callers one forward pass answers.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = True,
                  max_batch: int = MAX_BATCH):
         self.model, self.device, self.dtype = model, device, dtype
-        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        # Not on ZeroGPU Spaces, which lend the GPU per call: a graph captured in one call would not outlive it.
+        self.cuda_graphs = cuda_graphs and device.type == "cuda" and not os.environ.get("SPACES_ZERO_GPU")
         self._graph: GraphedForward | None = None
         self.batcher = Batcher(self._forward, max_batch)
 
