@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -107,11 +108,27 @@ def bench_models(device: str, dtype: torch.dtype, batch: int, repeats: int) -> d
     }
 
 
+def together(works: list) -> float:
+    """Runs each callable in its own thread, all released at once; seconds until the last one ends."""
+    barrier = threading.Barrier(len(works) + 1)
+
+    def run(work):
+        barrier.wait()
+        work()
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in works]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def bench_runtime(device: str, clients: int, per_client: int) -> dict:
     """The serving runtime alone (no web server): /classify's forward path, ViT-B/16, input and logits on the CPU,
     called by one thread, then by `clients` threads at once (their passes are batched). Images per second."""
-    import threading
-
     from vit_demo.runtime import inference_dtype
 
     dev = torch.device(device)
@@ -122,24 +139,16 @@ def bench_runtime(device: str, clients: int, per_client: int) -> dict:
         runtime(x)
 
     def run(n_threads: int) -> float:
-        barrier = threading.Barrier(n_threads + 1)
-
         def work():
-            barrier.wait()
             for _ in range(per_client):
                 runtime(x)
 
-        threads = [threading.Thread(target=work) for _ in range(n_threads)]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        start = time.perf_counter()
-        for t in threads:
-            t.join()
-        return n_threads * per_client / (time.perf_counter() - start)
+        return n_threads * per_client / together([work] * n_threads)
 
-    one, many = run(1), run(clients)
-    sizes = runtime.batcher.batch_sizes[-clients * per_client:]
+    one = run(1)
+    runtime.batcher.batch_sizes.clear()
+    many = run(clients)
+    sizes = runtime.batcher.batch_sizes
     return {"device": device, "dtype": str(dtype).replace("torch.", ""), "clients": clients, "per_client": per_client,
             "one_client_images_per_s": one, "many_clients_images_per_s": many, "ratio": many / one,
             "largest_batch": max(sizes), "mean_batch": statistics.mean(sizes)}
@@ -235,32 +244,22 @@ def _photos(workdir: Path, n: int, tag: str) -> list[Path]:
 
 def _concurrent(url: str, api_name: str, photos: list[list[Path]]) -> float:
     """Each list of photos sent by its own gradio_client client, all clients at once; requests per second."""
-    import threading
-
     from gradio_client import Client, handle_file
 
     clients = [Client(url, verbose=False, download_files=False) for _ in photos]
-    barrier = threading.Barrier(len(photos) + 1)
     errors = []
 
     def work(client, mine):
-        barrier.wait()
         for p in mine:
             try:
                 client.predict(image=handle_file(str(p)), api_name=api_name)
             except Exception as e:  # noqa: BLE001 - counted and reported
                 errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(c, m)) for c, m in zip(clients, photos)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
+    seconds = together([lambda c=c, m=m: work(c, m) for c, m in zip(clients, photos)])
     if errors:
         raise RuntimeError(f"{len(errors)} concurrent requests failed, e.g. {errors[0]}")
-    return sum(map(len, photos)) / (time.perf_counter() - start)
+    return sum(map(len, photos)) / seconds
 
 
 def bench_web(requests: int, workdir: Path, clients: int = 16, per_client: int = 2) -> dict:

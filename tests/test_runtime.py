@@ -60,26 +60,25 @@ def test_a_lone_call_runs_at_once_as_batch_of_one():
     assert seen == [1]
 
 
-def test_callers_that_arrive_during_a_pass_share_the_next_one_and_get_their_own_rows():
-    forward, seen = slow_double(0.3)
-    batcher = Batcher(forward, max_batch=16)
-    inputs = [torch.full((1, 3), float(i)) for i in range(8)]
-    # The first call starts a pass alone; the other seven arrive while it sleeps and go together after it.
-    results = call_together(batcher, inputs, start_gap=0.01)
+def doubled_together(n: int, max_batch: int, delay: float, start_gap: float) -> list[int]:
+    """n callers of a slow doubling Batcher, started `start_gap` apart; checks each got its own row back and
+    returns the batch sizes of the passes that ran."""
+    forward, seen = slow_double(delay)
+    inputs = [torch.full((1, 3), float(i)) for i in range(n)]
+    results = call_together(Batcher(forward, max_batch), inputs, start_gap)
     for x, y in zip(inputs, results):
         assert torch.equal(y, 2 * x), (x, y)
-    assert seen == [1, 7], seen
-    assert sum(seen) == len(inputs)
+    assert sum(seen) == n, seen
+    return seen
+
+
+def test_callers_that_arrive_during_a_pass_share_the_next_one_and_get_their_own_rows():
+    # The first call starts a pass alone; the other seven arrive while it sleeps and go together after it.
+    assert doubled_together(8, max_batch=16, delay=0.3, start_gap=0.01) == [1, 7]
 
 
 def test_batches_never_exceed_max_batch():
-    forward, seen = slow_double(0.2)
-    batcher = Batcher(forward, max_batch=3)
-    inputs = [torch.full((1, 2), float(i)) for i in range(10)]
-    results = call_together(batcher, inputs, start_gap=0.005)
-    for x, y in zip(inputs, results):
-        assert torch.equal(y, 2 * x)
-    assert max(seen) == 3 and sum(seen) == 10, seen
+    assert max(doubled_together(10, max_batch=3, delay=0.2, start_gap=0.005)) == 3
 
 
 def test_a_failing_pass_reaches_its_callers_and_the_next_pass_works():
