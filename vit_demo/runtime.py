@@ -20,9 +20,11 @@ MAX_BATCH = 16  # concurrent requests answered by one forward pass, at most
 def inference_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 on CUDA GPUs that support it; float32 elsewhere (older GPUs, CPUs and MPS, where bfloat16
     is missing, partial or slower than float32)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type != "cuda":
+        return torch.float32
+    if os.environ.get("SPACES_ZERO_GPU"):  # ZeroGPU lends its (bfloat16-capable) GPUs only inside calls: no query here
         return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
 
 
 class GraphedForward:
