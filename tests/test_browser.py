@@ -151,7 +151,7 @@ def _expect_answered(page) -> str:
     from playwright.sync_api import expect
 
     answered = page.locator("#answered")
-    expect(answered).to_contain_text(re.compile(r"answered in \d+ ms on \w+\."), timeout=WAIT_MS)
+    expect(answered).to_contain_text(re.compile(r"answered in \d+ ms on \w+( in \w+)?\."), timeout=WAIT_MS)
     return answered.inner_text()
 
 

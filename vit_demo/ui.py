@@ -13,6 +13,7 @@ import time
 import warnings
 
 import gradio as gr
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from .explain import DEFAULT_DISCARD_RATIO, HEAD_FUSIONS, render
@@ -128,7 +129,8 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
         except (OSError, SyntaxError) as e:
             raise gr.Error(UNREADABLE) from e
         ms = 1000 * (time.perf_counter() - start)
-        info = f"**{registry.check_allowed(model)}** answered in {ms:.0f} ms on {clf.device.type.upper()}."
+        precision = "" if clf.dtype == torch.float32 else f" in {str(clf.dtype).removeprefix('torch.')}"
+        info = f"**{registry.check_allowed(model)}** answered in {ms:.0f} ms on {clf.device.type.upper()}{precision}."
         return {label: score for label, score in top}, info
 
     @gpu
