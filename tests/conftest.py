@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -119,6 +120,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def hold_first_pass(batcher, waiting: int) -> list[int]:
+    """Wraps a runtime.Batcher's forward so that its first pass holds until `waiting` callers queue behind it.
+    Returns the batch sizes of the passes, filled in as they run."""
+    forward, seen = batcher.forward, []
+
+    def held(x):
+        seen.append(x.shape[0])
+        if len(seen) == 1:
+            wait_until(lambda: len(batcher._waiting) >= waiting)
+        return forward(x)
+
+    batcher.forward = held
+    return seen
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ def served(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("app")
     path = make_fruit_checkpoint(tmp / "ckpt")
-    with launched(Registry([str(path)], default=str(path)), tmp) as (demo, url):
+    with launched(Registry([str(path)], default=str(path), device="cpu"), tmp) as (demo, url):
         client = Client(url, download_files=False, verbose=False)
         try:
             yield client, path, demo

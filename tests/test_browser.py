@@ -66,7 +66,7 @@ def app(tmp_path_factory):
     from vit_demo.registry import Registry
     from vit_demo.ui import LAUNCH_KWARGS, build_demo
 
-    demo = build_demo(Registry([path], default=path))
+    demo = build_demo(Registry([path], default=path, device="cpu"))
     clf = demo.registry.get(path)
     received: list[Image.Image] = []
     predict = clf.predict

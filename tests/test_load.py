@@ -49,7 +49,7 @@ def served(tmp_path_factory):
     """The app's URL, serving one small checkpoint (224 px, 32 px patches, 7 classes); closed at the end."""
     tmp = tmp_path_factory.mktemp("load")
     path = make_fruit_checkpoint(tmp / "ckpt")
-    with launched(Registry([str(path)], default=str(path)), tmp) as (_, url):
+    with launched(Registry([str(path)], default=str(path), device="cpu"), tmp) as (_, url):
         assert url.startswith("http://127.0.0.1:"), url
         yield url
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from typing import Callable
 
 import torch
@@ -15,6 +16,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 16  # concurrent requests answered by one forward pass, at most
+_CAPTURE_LOCK = threading.Lock()  # CUDA captures one graph at a time per process
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
@@ -40,14 +42,18 @@ class GraphedForward:
         stream = torch.cuda.current_stream(example.device)
         side = torch.cuda.Stream(example.device)
         side.wait_stream(stream)
-        with torch.cuda.stream(side):  # warm-up runs pick kernels and allocate workspaces outside the capture
-            for _ in range(warmup):
+        with _CAPTURE_LOCK, torch.cuda.stream(side):  # one capture at a time, on a stream of its own
+            for _ in range(warmup):  # warm-up runs pick kernels and allocate workspaces outside the capture
                 model(self.static_x)
+            side.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                # thread_local: other threads (/explain, another model) may use the GPU during the capture.
+                with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+                    self.static_y = model(self.static_x)
+            finally:
+                torch.cuda.set_stream(side)  # a failed capture would leave this thread on the capture stream
         stream.wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (another model loading, /explain) may use the GPU during the capture.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.static_y = model(self.static_x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.static_x.copy_(x)
@@ -99,6 +105,7 @@ class Batcher:
             for i, r in enumerate(batch):
                 r.out = out[i : i + 1]
         except BaseException as e:  # e.g. CUDA out of memory: every caller of this pass hears of it
+            e = e.with_traceback(None)  # without the frames (and activations) of the failed pass
             for r in batch:
                 r.error = e
         for r in batch:
@@ -133,7 +140,8 @@ class Runtime:
         # Not on ZeroGPU Spaces, which lend the GPU per call: a graph captured in one call would not outlive it.
         self.cuda_graphs = cuda_graphs and device.type == "cuda" and not os.environ.get("SPACES_ZERO_GPU")
         self._graph: GraphedForward | None = None
-        self.batcher = Batcher(self._forward, max_batch)
+        forward = weakref.WeakMethod(self._forward)  # no cycle: an evicted model's memory is freed at once
+        self.batcher = Batcher(lambda x: forward()(x), max_batch)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
