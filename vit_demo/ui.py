@@ -216,7 +216,9 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
         # and /explain just the image (gradio_client does not see State).
         info_state, crop_state = gr.State(), gr.State()
         # Up to MAX_BATCH visitors' images are decoded side by side, each in its own worker (a bad file fails
-        # only its own request), and their forward passes are shared (runtime.Batcher).
+        # only its own request), and their forward passes are shared (runtime.Batcher). Gradio's own batch=True
+        # is not used: one unreadable upload would fail its whole batch, and the per-request `validator` that
+        # could screen uploads first does not accept batched events (Gradio 6.31).
         classify_btn.click(classify, [image, top_k, model], [label, info_state], api_name="classify",
                            concurrency_limit=MAX_BATCH, concurrency_id="classify").then(
             lambda info: info, info_state, answered, api_name="show_info", api_visibility="private"
