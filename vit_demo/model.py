@@ -87,8 +87,8 @@ class Attention(nn.Module):
         if return_attn:
             # The explicit path: the same math, with the probabilities kept for explanations.
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
-            attn = attn.softmax(dim=-1)
-            x = attn @ v  # (B, heads, N, head_dim)
+            attn = attn.float().softmax(dim=-1)  # float32 even in a bfloat16 model, so the maps stay exact
+            x = attn.to(v.dtype) @ v  # (B, heads, N, head_dim)
         else:
             attn = None
             x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
