@@ -252,6 +252,12 @@ def assert_same(got, expected, what=""):
     assert diff <= 1e-4, f"{what}: probabilities differ by {diff:.3g}"
 
 
+def assert_differs(other, got, what: str):
+    """The control for a sameness test: `other` (what a wrong answer would be) must not look like `got`."""
+    assert [l for l, _ in other] != [l for l, _ in got] or max(abs(p - q) for (_, p), (_, q) in zip(other, got)) > 1e-3, \
+        f"{what} should not look alike to the model, or this test proves nothing"
+
+
 def still_serving(app):
     """A valid request right after is answered, by the model the app had."""
     got = classify(app, CHELSEA)
@@ -284,17 +290,13 @@ def test_unusual_image_is_classified_as_the_python_api_does(app, name):
 def test_animated_gif_is_classified_by_its_first_frame(app):
     got = classify(app, app.images["animated.gif"])
     assert_same(got, classify(app, app.images["gif-frame1.png"]), "GIF vs its first frame")
-    second = app.reference.predict(Image.open(app.images["gif-frame2.png"]), k=5)
-    assert [l for l, _ in second] != [l for l, _ in got] or max(abs(p - q) for (_, p), (_, q) in zip(second, got)) > 1e-3, \
-        "the frames should not look alike to the model, or this test proves nothing"
+    assert_differs(app.reference.predict(Image.open(app.images["gif-frame2.png"]), k=5), got, "the two frames")
 
 
 def test_exif_rotated_photo_is_put_upright_before_classifying(app):
     got = classify(app, app.images["exif-rotated.jpg"])
     assert_same(got, classify(app, app.images["exif-upright.png"]), "EXIF-rotated vs upright")
-    ignored = app.reference.predict(Image.open(app.images["exif-ignored.png"]), k=5)
-    assert [l for l, _ in ignored] != [l for l, _ in got] or max(abs(p - q) for (_, p), (_, q) in zip(ignored, got)) > 1e-3, \
-        "upright and sideways should not look alike to the model, or this test proves nothing"
+    assert_differs(app.reference.predict(Image.open(app.images["exif-ignored.png"]), k=5), got, "upright and sideways")
 
 
 def test_16_bit_image_keeps_its_contrast(app):
