@@ -91,7 +91,7 @@ def test_a_head_looking_at_one_patch_lights_only_that_patch():
     expected_mean[target] = 1.4 / 3
     assert_close(ex.cls_attention([attn]), expected_mean, 1e-6, "cls_attention, mean of heads")
 
-    grid = ex.to_grid(ex.cls_attention([attn], head=1), 32, 32)
+    grid = ex.to_grid(ex.cls_attention([attn], head=1), (2, 2))
     assert grid.tolist() == [[0, 0], [1, 0]]
     heat = ex.heatmap(grid, 32, 32)
     # Only around the bottom-left cell is lit (bilinear upsampling blurs one half-cell across the border):
@@ -197,15 +197,41 @@ def test_the_distillation_token_is_never_drawn():
 
 
 def test_grid_shape_and_to_grid_for_a_non_square_crop():
-    assert ex.grid_shape(6, 32, 48) == (2, 3)  # 2x3 patches of 16 px on a 32x48 crop
-    assert ex.grid_shape(6, 48, 32) == (3, 2)
-    assert ex.grid_shape(49, 224, 224) == (7, 7)
-    assert ex.grid_shape(14 * 10, 224, 160) == (14, 10)
-    grid = ex.to_grid(torch.arange(6.0), 32, 48)
+    assert ex.grid_shape(32, 48, 16) == (2, 3)  # 2x3 patches of 16 px on a 32x48 crop
+    assert ex.grid_shape(48, 32, 16) == (3, 2)
+    assert ex.grid_shape(224, 224, 32) == (7, 7)
+    assert ex.grid_shape(224, 160, 16) == (14, 10)
+    assert ex.grid_shape(230, 100, 16) == (14, 6)  # pixels past the last whole patch are not seen
+    assert ex.infer_grid(6, 32, 48) == (2, 3) and ex.infer_grid(6, 48, 32) == (3, 2)
+    grid = ex.to_grid(torch.arange(6.0), (2, 3))
     assert grid.tolist() == [[0, 1, 2], [3, 4, 5]]  # row-major
-    assert ex.to_grid(torch.arange(6.0), 48, 32).tolist() == [[0, 1], [2, 3], [4, 5]]
+    assert ex.to_grid(torch.arange(12.0).view(2, 6), (2, 3)).shape == (2, 2, 3)  # leading dimensions kept
     with pytest.raises(AssertionError):
-        ex.grid_shape(7, 32, 48)
+        ex.to_grid(torch.arange(7.0), (2, 3))
+
+
+def test_the_grid_is_the_models_own_not_a_guess_from_the_aspect_ratio():
+    # A 32x31 crop with 16-px patches holds 2 rows of 1 patch: (2, 1). A guess from the aspect ratio gave (1, 2).
+    one_patch_lit = rows_sum_to_one(T([[0, 1, 0], [1 / 3] * 3, [1 / 3] * 3]))[None]  # the class token reads patch 0
+    lit = np.asarray(ex.render(random_crop(32, 31), [one_patch_lit], method="attention", alpha=1.0))
+    assert lit.shape == (32, 31, 3)
+    top, bottom = lit[:8].astype(int).sum(-1), lit[24:].astype(int).sum(-1)
+    assert (top > bottom).all(), "patch 0 is the top row, drawn across the whole width"
+    # 224x207 with 16-px patches is a 14x12 grid; the guess found no grid of 168 patches for it and failed.
+    n = 14 * 12
+    attn = torch.full((1, 1 + n, 1 + n), 1.0 / (1 + n))
+    assert ex.render(random_crop(224, 207), [attn], method="attention").size == (207, 224)
+    # Every size from 200 to 800 px, 16-px patches: the grid is (H // 16, W // 16), also when only the patch
+    # count and the crop are known (an enlarged crop included).
+    for h in range(200, 801, 7):
+        for w in range(200, 801, 3):
+            expected = (h // 16, w // 16)
+            assert ex.grid_shape(h, w, 16) == expected
+            assert ex.infer_grid(expected[0] * expected[1], h, w) == expected, (h, w)
+            assert ex.infer_grid(expected[0] * expected[1], 3 * h, 3 * w) == expected, (h, w, "enlarged 3x")
+    assert ex.to_grid(torch.arange(6.0), (3, 2)).tolist() == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="patches"):
+        ex.infer_grid(7, 32, 48)  # no patch size cuts a 32x48 crop into 7 patches
 
 
 def test_heatmap_is_min_max_normalised_and_upsampled():
@@ -255,7 +281,7 @@ def test_render_methods_and_head_panels():
     px = np.asarray(sheet)
     for h in range(heads):
         x0, y0 = (h % columns) * 52, (h // columns) * 36
-        panel = ex.overlay(crop, ex.to_grid(attns[0][h, 0, 1:], 32, 48))
+        panel = ex.overlay(crop, ex.to_grid(attns[0][h, 0, 1:], (2, 3)))
         assert np.array_equal(px[y0 : y0 + 32, x0 : x0 + 48], np.asarray(panel)), f"panel {h}"
     assert (px[32:36] == 255).all() and (px[:, 48:52] == 255).all()  # the gaps
     # 3 heads: still 2 columns, 2 rows, one panel left white.
