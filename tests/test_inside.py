@@ -1,0 +1,305 @@
+"""The "Inside" quantities (vit_demo.inside) against numpy computations and values worked out by hand.
+
+Mean attention distance, filter PCA and position-embedding similarity are each checked against a
+plain numpy computation (loops, eigh) on small tensors, on cases whose answer is known in advance (a head
+that looks only at itself, uniform attention, a sin-cos position table, filters made of two patterns), and
+once on the attention of a real, small VisionTransformer.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_close, randomize_
+from vit_demo import ViTConfig, VisionTransformer
+from vit_demo import inside as ins
+from vit_demo.explain import colorize
+
+
+def random_attention(layers: int, heads: int, n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(3 * torch.randn(heads, n, n, generator=g)).softmax(-1) for _ in range(layers)]
+
+
+def np_centres(gh: int, gw: int, p: int) -> np.ndarray:
+    """Patch centres (y, x) in pixels, row-major: patch (r, c) covers rows r*p .. r*p+p-1."""
+    return np.array([((r + 0.5) * p, (c + 0.5) * p) for r in range(gh) for c in range(gw)])
+
+
+def np_mean_attention_distance(attns, num_prefix, grid, p) -> np.ndarray:
+    """The definition, written out as loops: (layers, heads)."""
+    centres = np_centres(*grid, p)
+    n = len(centres)
+    out = np.zeros((len(attns), attns[0].shape[0]))
+    for layer, a in enumerate(attns):
+        a = a.double().numpy()
+        for h in range(a.shape[0]):
+            total = 0.0
+            for i in range(n):
+                for j in range(n):
+                    total += a[h, num_prefix + i, num_prefix + j] * math.dist(centres[i], centres[j])
+            out[layer, h] = total / n
+    return out
+
+
+def mean_pairwise_distance(gh: int, gw: int, p: int) -> float:
+    c = np_centres(gh, gw, p)
+    return float(np.mean([[math.dist(a, b) for b in c] for a in c]))
+
+
+# --- mean attention distance ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_prefix, grid, p", [(1, (3, 3), 4), (2, (2, 3), 16), (1, (4, 2), 1)])
+def test_mean_attention_distance_matches_numpy(num_prefix, grid, p):
+    n = num_prefix + grid[0] * grid[1]
+    attns = random_attention(3, 4, n, seed=num_prefix)
+    got = ins.mean_attention_distance(attns, num_prefix, grid, p)
+    assert got.shape == (3, 4)
+    assert_close(got, torch.from_numpy(np_mean_attention_distance(attns, num_prefix, grid, p)).float(), 1e-4, "distance")
+
+
+def test_a_head_attending_only_to_itself_has_distance_zero():
+    n = 1 + 3 * 3
+    attns = [torch.eye(n).expand(2, n, n).clone() for _ in range(2)]
+    assert_close(ins.mean_attention_distance(attns, 1, (3, 3), 16), torch.zeros(2, 2), 0, "own token")
+    # One head of the layer looks at itself, the other at the patch to its right (or left, at the edge): p pixels.
+    a = torch.zeros(2, n, n)
+    a[0] = torch.eye(n)
+    a[1, 0, 0] = 1
+    for i in range(9):
+        r, c = divmod(i, 3)
+        a[1, 1 + i, 1 + r * 3 + (c + 1 if c < 2 else c - 1)] = 1
+    assert_close(ins.mean_attention_distance([a], 1, (3, 3), 16), torch.tensor([[0.0, 16.0]]), 1e-5, "neighbour")
+
+
+def test_uniform_attention_gives_the_mean_pairwise_distance():
+    # A 1x2 grid of 4-pixel patches: the centres are 4 px apart, so the mean over the 4 (i, j) pairs is 2.
+    assert mean_pairwise_distance(1, 2, 4) == pytest.approx(2.0)
+    # A 2x2 grid of 1-pixel patches: from each patch, 0, 1, 1 and sqrt(2).
+    assert mean_pairwise_distance(2, 2, 1) == pytest.approx((2 + math.sqrt(2)) / 4)
+    for grid, p, expected in [((1, 2), 4, 2.0), ((2, 2), 1, (2 + math.sqrt(2)) / 4), ((3, 5), 8, mean_pairwise_distance(3, 5, 8))]:
+        n_patches = grid[0] * grid[1]
+        for num_prefix in (1, 2):
+            N = num_prefix + n_patches
+            # Uniform over all N tokens: the prefix tokens take num_prefix / N of the weight, which is not
+            # given back to the patches, so the distance shrinks by n_patches / N.
+            uniform = [torch.full((3, N, N), 1 / N)]
+            got = ins.mean_attention_distance(uniform, num_prefix, grid, p)
+            assert_close(got, torch.full((1, 3), n_patches / N * expected), 1e-5, f"uniform over all, {grid}")
+            # Uniform over the patches only: exactly the mean pairwise distance.
+            patches_only = torch.zeros(3, N, N)
+            patches_only[:, :, num_prefix:] = 1 / n_patches
+            got = ins.mean_attention_distance([patches_only], num_prefix, grid, p)
+            assert_close(got, torch.full((1, 3), expected), 1e-5, f"uniform over patches, {grid}")
+
+
+def test_mean_attention_distance_of_a_batch_is_per_image():
+    attns = random_attention(2, 3, 1 + 6, seed=5)
+    batched = [torch.stack([a, a.flip(-1).softmax(-1)]) for a in attns]  # (2, heads, N, N)
+    got = ins.mean_attention_distance(batched, 1, (2, 3), 4)
+    assert got.shape == (2, 2, 3)
+    for b in range(2):
+        assert_close(got[b], ins.mean_attention_distance([a[b] for a in batched], 1, (2, 3), 4), 1e-6, f"image {b}")
+
+
+def test_attention_that_does_not_fit_the_grid_is_refused():
+    with pytest.raises(ValueError, match="does not fit"):
+        ins.mean_attention_distance(random_attention(1, 2, 10), 1, (2, 2), 4)
+
+
+@pytest.mark.parametrize("distilled, size", [(False, (16, 16)), (True, (16, 24))])
+def test_mean_attention_distance_of_a_real_vit(distilled, size):
+    cfg = ViTConfig(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=3, num_heads=4,
+                    mlp_dim=64, distilled=distilled)
+    model = randomize_(VisionTransformer(cfg), seed=1).eval()
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, attns = model(x, return_attn=True)
+    attns = [a[0] for a in attns]  # (heads, N, N)
+    grid = (size[0] // 4, size[1] // 4)
+    got = ins.mean_attention_distance(attns, cfg.num_prefix_tokens, grid, cfg.patch_size)
+    assert got.shape == (3, 4)
+    expected = np_mean_attention_distance(attns, cfg.num_prefix_tokens, grid, cfg.patch_size)
+    assert_close(got, torch.from_numpy(expected).float(), 1e-4, "real ViT")
+    # Patch-to-patch weights are at most 1, so no head looks further than the grid's diagonal.
+    assert (got >= 0).all() and (got <= math.dist((0, 0), (size[0] - 4, size[1] - 4))).all()
+
+
+# --- position-embedding similarity ------------------------------------------------------------------------------
+
+
+def sincos_table(gh: int, gw: int, dim: int, max_freq: float, temperature: float = 10000.0) -> np.ndarray:
+    """A 2-D sin-cos position table (gh*gw, dim): half the channels encode the row, half the column,
+    at dim/4 frequencies from max_freq down by powers of temperature."""
+    q = dim // 4
+    omega = max_freq / temperature ** (np.arange(q) / q)
+
+    def encode(x):
+        a = np.outer(x.ravel(), omega)
+        return np.concatenate([np.sin(a), np.cos(a)], axis=1)
+
+    r, c = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+    return np.concatenate([encode(r), encode(c)], axis=1)
+
+
+def test_position_similarity_matches_numpy():
+    gh, gw, prefix, D = 3, 4, 2, 16
+    pos = torch.randn(1, prefix + gh * gw, D, generator=torch.Generator().manual_seed(0))
+    P = pos[0, prefix:].double().numpy()
+    expected = np.zeros((gh, gw, gh, gw))
+    for a in range(gh * gw):
+        for b in range(gh * gw):
+            expected[a // gw, a % gw, b // gw, b % gw] = P[a] @ P[b] / (np.linalg.norm(P[a]) * np.linalg.norm(P[b]))
+    got = ins.position_similarity(pos, prefix, (gh, gw))
+    assert_close(got, torch.from_numpy(expected).float(), 1e-6, "cosine similarity")
+
+
+def test_sincos_position_embeddings_peak_at_their_own_patch_and_fall_off_with_distance():
+    gh, gw, D = 5, 7, 64
+    # Every frequency at most pi / (side - 1): cos(omega * d) falls as d grows across the whole grid.
+    max_freq = math.pi / (max(gh, gw) - 1)
+    table = sincos_table(gh, gw, D, max_freq, temperature=100.0)
+    pos = torch.cat([torch.randn(1, 1, D), torch.from_numpy(table).float()[None]], dim=1)  # (1, 1 + gh*gw, D)
+    sim = ins.position_similarity(pos, 1, (gh, gw)).double()
+    # By hand: each frequency contributes sin(a)sin(b) + cos(a)cos(b) = cos(omega * (a - b)) per axis, and
+    # every position has the same norm, so the similarity is the mean over both axes' frequencies.
+    omega = max_freq / 100.0 ** (np.arange(D // 4) / (D // 4))
+    for i in range(gh):
+        for j in range(gw):
+            m = sim[i, j]
+            assert m[i, j] == pytest.approx(1.0, abs=1e-6)
+            assert (m.flatten().argmax().item()) == i * gw + j, f"map ({i}, {j}) peaks elsewhere"
+            for k in range(gh):
+                for l in range(gw):
+                    hand = (np.cos(omega * (k - i)).sum() + np.cos(omega * (l - j)).sum()) / (D // 2)
+                    assert m[k, l].item() == pytest.approx(hand, abs=1e-5)
+            # Each step further from the own patch, along a row or a column, lowers the similarity.
+            row, col = m[i], m[:, j]
+            assert (row[j + 1:].diff() < 0).all() and (row[: j + 1].diff() > 0).all(), f"row of ({i}, {j})"
+            assert (col[i + 1:].diff() < 0).all() and (col[: i + 1].diff() > 0).all(), f"column of ({i}, {j})"
+    # The usual table (frequencies from 1 down, temperature 10000) also peaks at each own patch.
+    sim = ins.position_similarity(torch.from_numpy(sincos_table(gh, gw, D, 1.0))[None], 0, (gh, gw))
+    assert (sim.reshape(gh * gw, gh * gw).argmax(1) == torch.arange(gh * gw)).all()
+
+
+def test_position_embeddings_that_do_not_fit_the_grid_are_refused():
+    with pytest.raises(ValueError, match="not a 3x3 grid"):
+        ins.position_similarity(torch.randn(1, 1 + 8, 4), 1, (3, 3))
+
+
+def test_draw_position_similarity_uses_one_colour_scale():
+    gh, gw = 3, 4
+    sim = ins.position_similarity(torch.randn(1, 1 + gh * gw, 8, generator=torch.Generator().manual_seed(3)), 1, (gh, gw))
+    cell, gap = 5, 3  # map_px=20 over a side of 4 cells
+    img = np.asarray(ins.draw_position_similarity(sim, map_px=20, gap=gap))
+    top, bottom = tuple(colorize(np.array([1.0]))[0]), tuple(colorize(np.array([0.0]))[0])
+    lo, hi = sim.min().item(), sim.max().item()
+    for i in range(gh):
+        for j in range(gw):
+            y0, x0 = i * (gh * cell + gap), j * (gw * cell + gap)  # map (i, j)'s top-left corner
+            assert tuple(img[y0 + i * cell + 2, x0 + j * cell + 2]) == top, f"map ({i}, {j}) at its own patch"
+            k, l = np.unravel_index(sim[i, j].argmin().item(), (gh, gw))
+            if sim[i, j, k, l].item() == lo:
+                assert tuple(img[y0 + k * cell + 2, x0 + l * cell + 2]) == bottom
+    # Every map is drawn on the same scale: an entry's colour is colorize((value - lo) / (hi - lo)).
+    k, l = 1, 2
+    expected = colorize(np.array([(sim[0, 0, k, l].item() - lo) / (hi - lo)]))[0]
+    assert tuple(img[k * cell + 2, l * cell + 2]) == tuple(expected)
+
+
+# --- patch-embedding filters ------------------------------------------------------------------------------------
+
+
+def test_filter_components_match_numpy_eigh():
+    w = torch.randn(40, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    comps, ratio = ins.filter_components(w, k=10)
+    assert comps.shape == (10, 3, 4, 4) and ratio.shape == (10,)
+    X = w.double().numpy().reshape(40, -1)
+    X = X - X.mean(0)
+    vals, vecs = np.linalg.eigh(X.T @ X)  # ascending
+    vals, vecs = vals[::-1], vecs[:, ::-1]
+    got = comps.reshape(10, -1).double().numpy()
+    for k in range(10):
+        overlap = abs(got[k] @ vecs[:, k])
+        assert overlap == pytest.approx(1.0, abs=1e-5), f"component {k}: |cos| = {overlap}"
+    assert_close(ratio, torch.from_numpy((vals / vals.sum())[:10].copy()).float(), 1e-6, "explained variance ratio")
+    assert (ratio[:-1] >= ratio[1:]).all()
+    # Only min(D, C*p*p) components exist.
+    assert ins.filter_components(torch.randn(5, 1, 2, 2), k=28)[0].shape == (4, 1, 2, 2)
+
+
+def test_pca_of_filters_made_of_two_patterns_recovers_them():
+    C, p, D = 3, 4, 300
+    g = torch.Generator().manual_seed(1)
+    checker = torch.tensor([[(-1.0) ** (r + c) for c in range(p)] for r in range(p)])  # (p, p)
+    left_right = torch.tensor([[1.0 if c < p // 2 else -1.0 for c in range(p)] for r in range(p)])
+    A = torch.stack([checker, -checker, checker])  # (C, p, p), orthogonal to B
+    B = torch.stack([left_right, left_right, torch.zeros(p, p)])
+    A, B = A / A.norm(), B / B.norm()
+    a = 3.0 * torch.randn(D, 1, 1, 1, generator=g)  # A varies three times as much as B
+    b = 1.0 * torch.randn(D, 1, 1, 1, generator=g)
+    w = 0.5 + a * A + b * B + 0.01 * torch.randn(D, C, p, p, generator=g)  # an offset the centring removes
+    comps, ratio = ins.filter_components(w, k=28)
+    assert comps.shape == (28, C, p, p)
+    for k, pattern in enumerate((A, B)):
+        overlap = (comps[k] * pattern).sum().abs().item()
+        assert overlap > 0.999, f"component {k} is not pattern {k} (|cos| = {overlap:.4f})"
+    assert ratio[:2].sum() > 0.99
+    assert ratio[0] / ratio[1] == pytest.approx(9.0, rel=0.3)
+    # The sign is fixed: each component's largest entry is positive.
+    flat = comps.reshape(len(comps), -1)
+    assert (flat.gather(1, flat.abs().argmax(1, keepdim=True)) > 0).all()
+
+
+def test_draw_filters_tiles_each_filter_normalised_on_its_own():
+    g = torch.Generator().manual_seed(2)
+    grey = torch.randn(5, 1, 4, 4, generator=g) * torch.tensor([1, 10, 100, 0.1, 1]).view(5, 1, 1, 1)
+    img = np.asarray(ins.draw_filters(grey, tile_px=32, columns=3, gap=2))
+    assert img.shape == (2 * 32 + 2, 3 * 32 + 2 * 2, 3)
+    for t in range(5):
+        y, x = (t // 3) * 34, (t % 3) * 34
+        block = img[y:y + 32, x:x + 32]
+        assert (block[..., 0] == block[..., 1]).all() and (block[..., 1] == block[..., 2]).all(), "grey"
+        assert block.min() == 0 and block.max() == 255, f"tile {t} spans the full range"
+        # Enlarged without smoothing, in the filter's own orientation.
+        f = grey[t, 0]
+        expected = ((f - f.min()) / (f.max() - f.min()) * 255).round().numpy()
+        assert (block[::8, ::8, 0] == expected).all()
+    rgb = torch.randn(2, 3, 4, 4, generator=g)
+    img = np.asarray(ins.draw_filters(rgb, tile_px=4))
+    assert (img[:4, :4] != img[:4, :4, :1]).any(), "RGB filters are drawn in colour"
+
+
+# --- the patch grid ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, p, prefix, counts", [
+    ((1, 28, 28), 4, 1, dict(patches=49, grid=(7, 7), sequence_length=50, prefix=["class"])),
+    ((3, 224, 224), 16, 2, dict(patches=196, grid=(14, 14), sequence_length=198, prefix=["class", "distillation"])),
+    ((3, 32, 48), 16, 1, dict(patches=6, grid=(2, 3), sequence_length=7, prefix=["class"])),
+])
+def test_patch_grid_counts_and_draws_the_crop(shape, p, prefix, counts):
+    crop = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    img, info = ins.patch_grid(crop, p, prefix)
+    for key, value in counts.items():
+        assert info[key] == value, key
+    assert info["prefix_tokens"] == prefix and info["crop"] == shape[1:] and info["patch_size"] == p
+    scale = img.width // shape[2]
+    assert img.size == (shape[2] * scale, shape[1] * scale) and img.mode == "RGB"
+    assert p * scale >= 40, "small crops are enlarged so each patch is at least 40 pixels"
+    a = np.asarray(img)
+    gh, gw = counts["grid"]
+    cell = p * scale
+    for r in range(gh):
+        for c in range(gw):
+            # Just inside each patch's corner, away from the lines and the number: the crop, enlarged.
+            y, x = r * cell + scale // 4 + 2, c * cell + scale // 4 + 2
+            assert (a[y, x] == crop[:, (y // scale), (x // scale)].expand(3).numpy()).all(), (r, c)
+            assert tuple(a[r * cell, c * cell + cell // 2]) == ins.GRID_COLOR  # the line above it
+    assert tuple(a[-1, cell // 2]) == ins.GRID_COLOR and tuple(a[cell // 2, -1]) == ins.GRID_COLOR  # closing lines
+    # The numbers are drawn: the middle of each patch has white (text) and black (its outline).
+    mid = a[cell // 4: cell - cell // 4, cell // 4: cell - cell // 4].reshape(-1, 3)
+    assert (mid == 255).all(1).any() and (mid == 0).all(1).any()
