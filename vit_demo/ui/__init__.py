@@ -1,0 +1,12 @@
+"""The Gradio page, one module per concern.
+
+- `page.py`: assembles the Blocks (header, photo, model choice, tabs) and starts the registry.
+- `classify.py`, `attention.py`: one tab each, building their components and wiring their events.
+- `guard.py`: the one door every image passes (where it came from, how big it decodes) and the result images.
+- `checks.py`: every other input, checked against the chosen model; refusals in one sentence, logged in one line.
+- `server.py`: limits on raw HTTP requests and the lifetime of cached files.
+"""
+
+from .page import LAUNCH_KWARGS, build_demo, start_registry
+
+__all__ = ["LAUNCH_KWARGS", "build_demo", "start_registry"]

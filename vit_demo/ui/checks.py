@@ -1,0 +1,162 @@
+"""Every input after the image, checked by the app itself against the chosen model, and refusals in one sentence.
+
+The page's components pass their values through unchecked (`Lenient`), so that a raw API call meets the same
+checks as the page, against the model it names rather than the default model's size, and never Gradio's
+generic "Error". A refusal is one sentence for the visitor and one line in the log; the log is rate-limited,
+so a flood of bad requests cannot grow it without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+
+import gradio as gr
+
+log = logging.getLogger("vit_demo.ui")
+
+ECHO_CHARS = 60  # a visitor's text is quoted back at most this long
+MAX_NAME_CHARS = 200  # longer model names are refused without being looked up
+LOG_LINES_PER_MINUTE = 30
+
+
+def short(value, limit: int = ECHO_CHARS) -> str:
+    """`value` as text, cut to `limit` characters, for quoting back in a message or a log line."""
+    text = value if isinstance(value, str) else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class _RefusalLog:
+    """One line per refusal, at most LOG_LINES_PER_MINUTE a minute; the rest are counted and summed up."""
+
+    def __init__(self, per_minute: int = LOG_LINES_PER_MINUTE):
+        self.per_minute = per_minute
+        self._lock = threading.Lock()
+        self._window, self._lines, self._dropped = 0.0, 0, 0
+
+    def __call__(self, message: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._window >= 60:
+                if self._dropped:
+                    log.warning("%d more refusals in the last minute were not logged.", self._dropped)
+                self._window, self._lines, self._dropped = now, 0, 0
+            if self._lines >= self.per_minute:
+                self._dropped += 1
+                return
+            self._lines += 1
+        log.info("refused: %s", short(message, 300))
+
+
+log_refusal = _RefusalLog()
+
+
+def refusal(message: str) -> gr.Error:
+    """A visitor's error: logged in one line, returned to be raised."""
+    log_refusal(message)
+    return gr.Error(message, print_exception=False)
+
+
+def model_name(value) -> str:
+    """A model name as the API received it: text of a sane length."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise refusal("The model must be given as its name in text, such as 'google/vit-base-patch16-224'.")
+    if len(value) > MAX_NAME_CHARS:
+        raise refusal(f"The model name '{short(value)}' is too long to be one of this app's models: pick one from the list.")
+    return value
+
+
+def choice(value, options, what: str):
+    """One of `options` (values), or a sentence that lists them."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool) and value in options:
+        return value
+    listed = ", ".join(str(o) for o in options)
+    raise refusal(f"'{short(value)}' is not a valid {what}: use one of {listed}.")
+
+
+def whole(value, low: int, high: int, what: str) -> int:
+    """A whole number in [low, high], given as a number or as text."""
+    number = _number(value)
+    if number is None or not math.isfinite(number) or number != int(number):
+        raise refusal(f"The {what} must be a whole number from {low} to {high}, not '{short(value)}'.")
+    if not low <= number <= high:
+        raise refusal(f"The {what} must be from {low} to {high} for this model, not {int(number)}.")
+    return int(number)
+
+
+def fraction(value, low: float, high: float, what: str) -> float:
+    """A finite number in [low, high]."""
+    number = _number(value)
+    if number is None or not math.isfinite(number) or not low <= number <= high:
+        raise refusal(f"The {what} must be a number from {low:g} to {high:g}, not '{short(value)}'.")
+    return float(number)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and len(value) < 40:
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+class Lenient:
+    """Mixin for input components: the value reaches the function as sent, to be checked there (see module doc)."""
+
+    def preprocess(self, payload):
+        return payload
+
+
+class Slider(Lenient, gr.Slider):
+    def get_block_name(self) -> str:
+        return "slider"
+
+
+class Dropdown(Lenient, gr.Dropdown):
+    def get_block_name(self) -> str:
+        return "dropdown"
+
+
+class Radio(Lenient, gr.Radio):
+    def get_block_name(self) -> str:
+        return "radio"
+
+
+def translate(error: Exception, inputs: list, got: int) -> gr.Error:
+    """A failure of Gradio's own input handling (before any function runs) -> one sentence for the caller.
+
+    Args:
+        error: what Gradio raised.
+        inputs: the event's input components.
+        got: how many input values the request carried.
+    """
+    from gradio.exceptions import InvalidPathError
+    from pydantic import ValidationError
+
+    if isinstance(error, gr.Error):
+        return refusal(short(error.message, 300))
+    names = ", ".join(getattr(c, "label", None) or type(c).__name__ for c in inputs)
+    if got < len(inputs):
+        return refusal(
+            f"This endpoint takes {len(inputs)} inputs ({names}) and the request sent {got}: send every input "
+            "(gradio_client fills in the defaults)."
+        )
+    if isinstance(error, InvalidPathError):
+        return refusal("Only images uploaded to this app can be used: upload the file first (gradio_client: handle_file).")
+    cause = error.__cause__ or error
+    if not isinstance(cause, (ValidationError, ValueError, TypeError, KeyError)):  # not a bad input: a bug, in full
+        log.error("Reading the inputs of a request failed.", exc_info=error)
+    return refusal(
+        "An input of this request could not be read: send the image as an uploaded file (gradio_client: handle_file) "
+        "and the other inputs as plain numbers or text."
+    )
