@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import json
 import os
 import shutil
 import socket
@@ -25,6 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Comparisons with the reference libraries are made in float32, whatever this CPU is fast at;
+# tests/test_precision.py sets the variable itself to test the automatic choice.
+os.environ.setdefault("VIT_DEMO_PRECISION", "float32")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str = "") -> float:
@@ -161,8 +165,9 @@ def launched(registry, tmp: Path):
             demo.close(verbose=False)
 
 
-def lay_out_hub_cache(hf_home: Path, repo_id: str, folder: Path) -> str:
-    """Puts a folder's files into a Hugging Face cache as a download of `repo_id` would; returns the commit hash.
+def lay_out_hub_cache(hf_home: Path, repo_id: str, folder: Path, only: tuple[str, ...] | None = None) -> str:
+    """Puts a folder's files (or `only` these) into a Hugging Face cache as a download of `repo_id` would;
+    returns the commit hash.
 
         $HF_HOME/hub/models--ORG--NAME/snapshots/<sha>/<files>,  refs/main -> <sha>
     """
@@ -171,7 +176,8 @@ def lay_out_hub_cache(hf_home: Path, repo_id: str, folder: Path) -> str:
     snapshot = repo_dir / "snapshots" / sha
     snapshot.mkdir(parents=True, exist_ok=True)
     for f in folder.iterdir():
-        shutil.copy(f, snapshot / f.name)
+        if only is None or f.name in only:
+            shutil.copy(f, snapshot / f.name)
     (repo_dir / "refs").mkdir(exist_ok=True)
     (repo_dir / "refs" / "main").write_text(sha)
     return sha
@@ -191,35 +197,78 @@ def offline_hub(tmp_path, monkeypatch):
     return hf_home
 
 
+class FakeHub(list):
+    """The requests a loopback Hub got (a list of paths), and the repos it serves (`serve`)."""
+
+    def __init__(self, hf_home: Path):
+        super().__init__()
+        self.hf_home = hf_home  # its cache is hf_home / "hub", as lay_out_hub_cache lays one out
+        self.repos: dict[str, tuple[str, Path]] = {}
+
+    def serve(self, repo_id: str, folder: Path) -> str:
+        """Serves a folder's files as `repo_id` at one commit; returns the commit hash (lay_out_hub_cache's)."""
+        sha = hashlib.sha1(repo_id.encode()).hexdigest()
+        self.repos[repo_id] = (sha, folder)
+        return sha
+
+
 @pytest.fixture
 def fake_hub(monkeypatch, tmp_path):
     """An empty Hugging Face cache, and a Hub on loopback that answers like the real one for missing and gated
-    repos (and counts the requests it gets)."""
+    repos and revisions, serves the repos given to `fake_hub.serve`, and counts the requests it gets."""
     from huggingface_hub import constants
 
-    requests = []
+    hub = FakeHub(tmp_path / "fake-hub-home")
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            requests.append(self.path)
+            hub.append(self.path)
+            served = self._served()
+            if served is not None:
+                return self._send(200, *served)
             gated = "gated" in self.path
-            self.send_response(403 if gated else 404)
-            self.send_header("X-Error-Code", "GatedRepo" if gated else "RepoNotFound")
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"error": "no"}')
+            code = "GatedRepo" if gated else "RevisionNotFound" if "no-such-revision" in self.path else "RepoNotFound"
+            self._send(403 if gated else 404, b'{"error": "no"}', {"X-Error-Code": code})
 
-        do_HEAD = do_GET
+        def do_HEAD(self):
+            self.do_GET()
+
+        def _served(self):
+            """(body, headers) for model_info of a served repo or one of its files; 404 EntryNotFound for others."""
+            for repo_id, (sha, folder) in hub.repos.items():
+                if self.path.startswith(f"/api/models/{repo_id}"):
+                    siblings = [{"rfilename": f.name} for f in folder.iterdir()]
+                    return json.dumps({"id": repo_id, "sha": sha, "siblings": siblings}).encode(), {}
+                prefix = f"/{repo_id}/resolve/"
+                if self.path.startswith(prefix):
+                    name = self.path[len(prefix):].split("/", 1)[1]
+                    if not (folder / name).is_file():
+                        return b'{"error": "no"}', {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha, "status": 404}
+                    body = (folder / name).read_bytes()
+                    return body, {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha1(body).hexdigest()}"'}
+            return None
+
+        def _send(self, status: int, body: bytes, headers: dict):
+            self.send_response(headers.pop("status", status))
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Type", "application/json" if body.startswith(b"{") else "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(body)
 
         def log_message(self, *args):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    endpoint = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub.hf_home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-    yield requests
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    yield hub
     server.shutdown()
     server.server_close()
 

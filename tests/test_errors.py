@@ -7,7 +7,7 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-from conftest import make_timm, make_transformers
+from conftest import free_port, lay_out_hub_cache, make_timm, make_transformers
 from vit_demo import ModelLoadError, load_classifier
 
 
@@ -113,3 +113,37 @@ def test_pickle_that_carries_code_is_refused(tmp_path, capsys):
         pickle.dump({"class_token": Payload()}, f)
     assert "was refused" in _error(path)
     assert "this must never run" not in capsys.readouterr().out
+
+
+# --- a repo only partly in the Hugging Face cache ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cached", [("model.safetensors",), ("model.safetensors", "config.json")], ids=["weights only", "no preprocessor_config.json"])
+def test_half_cached_repo_while_offline(tmp_path, offline_hub, cached):
+    """Loading with the defaults would preprocess wrongly (ImageNet mean and crop for an augreg timm model)."""
+    ref = make_transformers(tmp_path / "ckpt", "small", distilled=True)
+    lay_out_hub_cache(offline_hub, "facebook/deit-test", ref.path, only=cached)
+    missing = "config.json" if len(cached) == 1 else "preprocessor_config.json"
+    message = _error("facebook/deit-test")
+    assert f"facebook/deit-test is only partly in the local Hugging Face cache (no {missing})" in message, message
+    assert "HF_HUB_OFFLINE" in message
+
+
+def test_half_cached_timm_repo_while_offline(tmp_path, offline_hub):
+    repo = "timm/vit_small_patch16_224.augreg_in21k_ft_in1k"
+    ref = make_timm(tmp_path / "ckpt", repo.split("/")[1], depth=1)
+    lay_out_hub_cache(offline_hub, repo, ref.path, only=("model.safetensors",))
+    assert f"{repo} is only partly in the local Hugging Face cache (no config.json)" in _error(repo)
+
+
+def test_half_cached_repo_with_the_hub_unreachable_fails_fast(tmp_path, monkeypatch, fake_hub):
+    ref = make_transformers(tmp_path / "ckpt", "small")
+    lay_out_hub_cache(fake_hub.hf_home, "google/vit-test", ref.path, only=("model.safetensors", "config.json"))
+    port = free_port()  # nothing listens there
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", f"http://127.0.0.1:{port}/{{repo_id}}/resolve/{{revision}}/{{filename}}")
+    start = time.monotonic()
+    message = _error("google/vit-test")
+    assert "only partly in the local Hugging Face cache (no preprocessor_config.json)" in message, message
+    assert "could not be reached" in message
+    assert time.monotonic() - start < 5, "huggingface_hub's retries were not avoided"

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, assert_close, make_timm, make_torchvision, make_transformers
+from conftest import EXAMPLES, assert_close, lay_out_hub_cache, make_timm, make_torchvision, make_transformers
 from vit_demo import load_classifier
 from vit_demo.preprocess import load_image
 
@@ -69,3 +69,67 @@ def test_transparency_is_flattened_onto_white_and_grayscale_becomes_rgb():
     assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
     assert load_image(Image.new("L", (8, 8), 100)).getpixel((0, 0)) == (100, 100, 100)
     assert load_image(Image.new("I;16", (8, 8), 300)).mode == "RGB"
+
+
+# --- a repo only partly in the Hugging Face cache ------------------------------------------------------------
+
+
+def test_half_cached_timm_repo_fetches_its_config_instead_of_imagenet_defaults(tmp_path, fake_hub):
+    """timm's `create_model(..., pretrained=True)` caches only model.safetensors. The repo's config.json (mean 0.5,
+    crop 0.9 for an augreg model, not ImageNet's 0.485 and 0.875) is fetched from the Hub before loading."""
+    from timm.data import create_transform, resolve_data_config
+
+    repo = "timm/vit_small_patch16_224.augreg_in21k_ft_in1k"
+    ref = make_timm(tmp_path / "ckpt", repo.split("/")[1], depth=1)
+    fake_hub.serve(repo, ref.path)
+    lay_out_hub_cache(fake_hub.hf_home, repo, ref.path, only=("model.safetensors",))
+    photo = Image.open(EXAMPLES / "chelsea.jpg")
+    data_config = resolve_data_config({}, model=ref.model)
+    assert data_config["mean"] == (0.5, 0.5, 0.5) and data_config["crop_pct"] == 0.9  # not the defaults
+    expected = create_transform(**data_config)(photo.convert("RGB")).unsqueeze(0)
+    clf = load_classifier(repo, device="cpu")
+    assert_close(clf.preprocess(photo), expected, ATOL, "half-cached timm repo")
+    assert any(p.endswith("/config.json") for p in fake_hub), fake_hub
+
+
+def test_half_cached_deit_repo_fetches_its_preprocessor_config(tmp_path, fake_hub):
+    """A transformers DeiT cached without preprocessor_config.json (resize 256, crop 224 in the real one) fetches it."""
+    from transformers import AutoImageProcessor
+
+    repo = "facebook/deit-test-distilled"
+    ref = make_transformers(tmp_path / "ckpt", "small", distilled=True, image_size=224, patch_size=32)
+    fake_hub.serve(repo, ref.path)
+    lay_out_hub_cache(fake_hub.hf_home, repo, ref.path, only=("model.safetensors", "config.json"))
+    photo = Image.open(EXAMPLES / "chelsea.jpg")
+    expected = AutoImageProcessor.from_pretrained(ref.path)(photo, return_tensors="pt").pixel_values
+    assert_close(load_classifier(repo, device="cpu").preprocess(photo), expected, ATOL, "half-cached DeiT repo")
+    assert any(p.endswith("/preprocessor_config.json") for p in fake_hub), fake_hub
+
+
+def test_a_file_the_cache_knows_is_missing_is_not_fetched(tmp_path, offline_hub):
+    """huggingface_hub records a file a repo does not have (`.no_exist/<sha>/<name>`): such a repo loads offline
+    with the format's defaults, as it would online."""
+    repo = "someone/vit-without-preprocessor-config"
+    ref = make_transformers(tmp_path / "ckpt", "small", image_size=224, patch_size=32)
+    sha = lay_out_hub_cache(offline_hub, repo, ref.path, only=("model.safetensors", "config.json"))
+    no_exist = offline_hub / "hub" / f"models--{repo.replace('/', '--')}" / ".no_exist" / sha
+    no_exist.mkdir(parents=True)
+    (no_exist / "preprocessor_config.json").touch()
+    pp = load_classifier(repo, device="cpu").preprocessor.cfg
+    assert pp.mean == (0.5, 0.5, 0.5) and pp.resize == (224, 224) and pp.crop is None  # ViTImageProcessor's defaults
+
+
+def test_a_repo_downloaded_once_loads_offline_even_without_every_metadata_file(tmp_path, fake_hub, monkeypatch):
+    """A first load downloads the repo and records which metadata files it lacks, so that the next load, offline,
+    does not take the cache for half a download."""
+    from huggingface_hub import constants
+
+    repo = "someone/vit-without-preprocessor-config"
+    ref = make_transformers(tmp_path / "ckpt", "small", image_size=224, patch_size=32)
+    (ref.path / "preprocessor_config.json").unlink()
+    fake_hub.serve(repo, ref.path)
+    online = load_classifier(repo, device="cpu").preprocessor.cfg
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    asked = len(fake_hub)
+    assert load_classifier(repo, device="cpu").preprocessor.cfg == online
+    assert len(fake_hub) == asked, "the offline load asked the Hub"

@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HFValidationError,
     HTTPError,
-    LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -112,23 +112,34 @@ def locate(source: str | os.PathLike, revision: str | None = None) -> tuple[Path
 
 def _from_hub(repo_id: str, revision: str | None) -> tuple[Path, dict[str, dict]]:
     try:
-        return _from_cache(repo_id, revision)
-    except LocalEntryNotFoundError:
-        pass
+        cached = _from_cache(repo_id, revision)
     except HFValidationError as e:
         raise ModelLoadError(f"'{repo_id}' is neither a local path nor a valid Hub model id: check the spelling.") from e
+    if cached is not None:
+        return cached
     if constants.HF_HUB_OFFLINE:
         raise ModelLoadError(
             f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
             "download it once with a network connection, or pass a local folder."
         )
-    try:
+    with _hub_errors(repo_id, revision):
         info = HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT)
         files = {s.rfilename: None for s in info.siblings or []}
-        weights = _pick_weights(files, repo_id)
-        path = Path(hf_hub_download(repo_id, weights, revision=info.sha))
-        meta = {n: _read_json(Path(hf_hub_download(repo_id, n, revision=info.sha))) for n in METADATA_FILES if n in files}
+        path = Path(hf_hub_download(repo_id, _pick_weights(files, repo_id), revision=revision))  # records refs/<revision>
+        commit = path.parent.name  # snapshots/<commit>/<file>: the metadata comes from the same commit
+        meta = {}
+        for name in METADATA_FILES:
+            fetched = _download_if_present(repo_id, name, commit)  # a file the repo lacks is recorded as such
+            if fetched is not None:
+                meta[name] = _read_json(fetched)
         return path, meta
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None, missing: str | None = None):
+    """Turns huggingface_hub's errors into ModelLoadErrors; `missing` names the file a half-cached repo lacks."""
+    try:
+        yield
     except GatedRepoError as e:
         raise ModelLoadError(
             f"{repo_id} is a gated model: accept its terms on its Hub page, then set HF_TOKEN to a token of that account."
@@ -140,27 +151,67 @@ def _from_hub(repo_id: str, revision: str | None) -> tuple[Path, dict[str, dict]
     except RevisionNotFoundError as e:
         raise ModelLoadError(f"{repo_id} has no revision '{revision}': check the branch, tag or commit.") from e
     except (HTTPError, OSError) as e:
+        if missing:
+            raise ModelLoadError(
+                f"{repo_id} is only partly in the local Hugging Face cache (no {missing}), and the Hugging Face Hub "
+                f"could not be reached to fetch it ({type(e).__name__}): check the network, or download the whole repo once."
+            ) from e
         raise ModelLoadError(
             f"The Hugging Face Hub could not be reached to download {repo_id} ({type(e).__name__}): "
             "check the network, or use a model that is cached or in a local folder."
         ) from e
 
 
-def _from_cache(repo_id: str, revision: str | None) -> tuple[Path, dict[str, dict]]:
-    """The repo's files from the local Hugging Face cache; LocalEntryNotFoundError when absent."""
-    for name in WEIGHT_FILES:
-        try:
-            path = Path(hf_hub_download(repo_id, name, revision=revision, local_files_only=True))
-        except (LocalEntryNotFoundError, EntryNotFoundError):
-            continue
-        meta = {}
-        for n in METADATA_FILES:
-            try:
-                meta[n] = _read_json(Path(hf_hub_download(repo_id, n, revision=revision, local_files_only=True)))
-            except (LocalEntryNotFoundError, EntryNotFoundError):
-                pass
-        return path, meta
-    raise LocalEntryNotFoundError(f"{repo_id} is not cached")
+def _from_cache(repo_id: str, revision: str | None) -> tuple[Path, dict[str, dict]] | None:
+    """The repo's files from the local Hugging Face cache; None when its weights are not cached.
+
+    A metadata file can be cached, known to be absent from the repo (huggingface_hub records a 404 as
+    `_CACHED_NO_EXIST`), or unknown: never downloaded, as when `timm.create_model(pretrained=True)` fetched only
+    the weights. An unknown file that sets the preprocessing is fetched (the Hub says whether the repo has it),
+    or, offline, the load is refused: the defaults would preprocess the photo wrongly.
+    """
+    found = [try_to_load_from_cache(repo_id, name, revision=revision) for name in WEIGHT_FILES]
+    weights = next((Path(p) for p in found if isinstance(p, str)), None)
+    if weights is None:
+        return None
+    commit = weights.parent.name  # snapshots/<commit>/<file>: the metadata must come from the same commit
+    meta = {}
+    for name in METADATA_FILES:
+        if name == "preprocessor_config.json" and _is_timm(meta.get("config.json")):
+            continue  # timm repos keep their preprocessing in config.json
+        cached = try_to_load_from_cache(repo_id, name, revision=commit)
+        if isinstance(cached, str):
+            meta[name] = _read_json(Path(cached))
+        elif cached is None:
+            fetched = _fetch(repo_id, name, commit)
+            if fetched is not None:
+                meta[name] = _read_json(fetched)
+    return weights, meta
+
+
+def _fetch(repo_id: str, name: str, commit: str) -> Path | None:
+    """A metadata file of a half-cached repo, from the Hub; None when the repo has no such file."""
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(
+            f"{repo_id} is only partly in the local Hugging Face cache (no {name}) and HF_HUB_OFFLINE is set: "
+            "download the whole repo once with a network connection, or pass a local folder."
+        )
+    with _hub_errors(repo_id, commit, missing=name):
+        HfApi().model_info(repo_id, revision=commit, timeout=HUB_TIMEOUT)  # fails at once where downloads would retry
+        return _download_if_present(repo_id, name, commit)
+
+
+def _download_if_present(repo_id: str, name: str, commit: str) -> Path | None:
+    """hf_hub_download, or None when the repo has no such file (huggingface_hub then records that in the cache,
+    so that a later load, offline too, knows it is absent rather than not yet downloaded)."""
+    try:
+        return Path(hf_hub_download(repo_id, name, revision=commit))
+    except EntryNotFoundError:
+        return None
+
+
+def _is_timm(config: dict | None) -> bool:
+    return bool(config) and ("architecture" in config or "pretrained_cfg" in config)
 
 
 def _pick_weights(files, where: str) -> str:
