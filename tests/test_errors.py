@@ -147,3 +147,55 @@ def test_half_cached_repo_with_the_hub_unreachable_fails_fast(tmp_path, monkeypa
     assert "only partly in the local Hugging Face cache (no preprocessor_config.json)" in message, message
     assert "could not be reached" in message
     assert time.monotonic() - start < 5, "huggingface_hub's retries were not avoided"
+
+
+# --- preprocessing settings vit_demo cannot follow -----------------------------------------------------------
+
+
+def _edit_json(path, **changes):
+    import json
+
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        target = data
+        *parents, last = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[last] = value
+    path.write_text(json.dumps(data))
+
+
+def test_unknown_timm_crop_mode(tmp_path):
+    ref = make_timm(tmp_path, "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    _edit_json(ref.path / "config.json", **{"pretrained_cfg.crop_mode": "border"})
+    assert "timm crop_mode 'border' is not supported (center and squash are)" in _error(ref.path)
+
+
+def test_unknown_timm_interpolation(tmp_path):
+    ref = make_timm(tmp_path, "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    _edit_json(ref.path / "config.json", **{"pretrained_cfg.interpolation": "random"})
+    assert "interpolation 'random' is not supported" in _error(ref.path)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"resample": 7}, "resample 7 is not supported"),
+    ({"size": {"longest_edge": 224}}, "size {'longest_edge': 224} is not supported"),
+    ({"image_mean": [0.5, 0.5]}, "mean and std need 3 values (one per channel), not 2 and 3"),
+])
+def test_unsupported_transformers_preprocessing(tmp_path, change, expected):
+    ref = make_transformers(tmp_path, "small")
+    _edit_json(ref.path / "preprocessor_config.json", **change)
+    message = _error(ref.path)
+    assert "preprocessor_config.json" in message and expected in message, message
+
+
+def test_config_that_is_not_an_object(tmp_path):
+    ref = make_transformers(tmp_path, "small")
+    (ref.path / "config.json").write_text("[1, 2, 3]")
+    assert "config.json is not a JSON object" in _error(ref.path)
+
+
+def test_heads_that_do_not_divide_the_width(tmp_path):
+    ref = make_transformers(tmp_path, "small")  # 64 channels
+    _edit_json(ref.path / "config.json", num_attention_heads=5)
+    assert "64 channels cannot be split into 5 attention heads" in _error(ref.path)

@@ -133,3 +133,19 @@ def test_a_repo_downloaded_once_loads_offline_even_without_every_metadata_file(t
     asked = len(fake_hub)
     assert load_classifier(repo, device="cpu").preprocessor.cfg == online
     assert len(fake_hub) == asked, "the offline load asked the Hub"
+
+
+@pytest.mark.parametrize("resample", [4, 5], ids=["BOX", "HAMMING"])
+def test_box_and_hamming_resampling_as_transformers_pil_processor(tmp_path, resample):
+    """PIL's resample codes 4 (BOX) and 5 (HAMMING) resize with PIL, as transformers' PIL image processor does
+    (its torchvision one cannot resize tensors with them)."""
+    import json
+
+    from transformers.models.vit import ViTImageProcessorPil
+
+    ref = make_transformers(tmp_path, "small", image_size=224, patch_size=32)
+    pp_path = ref.path / "preprocessor_config.json"
+    pp_path.write_text(json.dumps({**json.loads(pp_path.read_text()), "resample": resample}))
+    photo = Image.open(EXAMPLES / "chelsea.jpg")
+    expected = ViTImageProcessorPil(**json.loads(pp_path.read_text()))(photo, return_tensors="pt").pixel_values
+    assert_close(load_classifier(ref.path, device="cpu").preprocess(photo), expected, ATOL, f"resample {resample}")

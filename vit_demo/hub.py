@@ -79,16 +79,32 @@ def load_checkpoint(source: str | os.PathLike, revision: str | None = None) -> C
             f"{source} has transformers weights but no config.json (it gives the number of heads and the labels): "
             "put the repo's config.json next to the weights."
         )
-    labels = _labels(config, cfg.num_classes)
-    if fmt == "transformers":
-        pp = preprocess.from_transformers(meta.get("preprocessor_config.json") or {})
-    elif fmt == "timm":
-        pp = preprocess.from_timm(config.get("pretrained_cfg") or {})
-    else:
-        pp = preprocess.torchvision_default(cfg.img_size)
-    if cfg.in_chans == 1:
-        pp.mode, pp.mean, pp.std = "L", pp.mean[:1], pp.std[:1]
-    return Checkpoint(sd, cfg, pp, labels, fmt, str(source))
+    if cfg.num_heads < 1 or cfg.embed_dim % cfg.num_heads:
+        raise ModelLoadError(
+            f"{source}: {cfg.embed_dim} channels cannot be split into {cfg.num_heads} attention heads: "
+            "check num_attention_heads in its config.json."
+        )
+    return Checkpoint(sd, cfg, _preprocessing(source, fmt, config, meta, cfg), _labels(config, cfg.num_classes), fmt, str(source))
+
+
+def _preprocessing(source, fmt: str, config: dict, meta: dict[str, dict], cfg: ViTConfig) -> preprocess.PreprocessConfig:
+    """The checkpoint's own preprocessing; ModelLoadError for settings vit_demo cannot follow."""
+    where = {"transformers": "preprocessor_config.json", "timm": "config.json's pretrained_cfg"}.get(fmt, "torchvision's recipe")
+    try:
+        if fmt == "transformers":
+            pp = preprocess.from_transformers(meta.get("preprocessor_config.json") or {})
+        elif fmt == "timm":
+            pp = preprocess.from_timm(config.get("pretrained_cfg") or {})
+        else:
+            pp = preprocess.torchvision_default(cfg.img_size)
+        if cfg.in_chans == 1:
+            pp.mode, pp.mean, pp.std = "L", pp.mean[:1], pp.std[:1]
+        preprocess.check_channels(pp, cfg.in_chans)
+    except preprocess.PreprocessError as e:
+        raise ModelLoadError(f"{source} asks for preprocessing vit_demo cannot follow ({where}: {e}): fix {where}, or use another checkpoint.") from e
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{source} has preprocessing settings vit_demo cannot read ({where}: {type(e).__name__} {e}): fix {where}, or use another checkpoint.") from e
+    return pp
 
 
 def locate(source: str | os.PathLike, revision: str | None = None) -> tuple[Path, dict[str, dict]]:
@@ -228,9 +244,12 @@ def _pick_weights(files, where: str) -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path.name} is not valid JSON: download the model again or fix the file.") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path.name} is not a JSON object: download the model again or fix the file.")
+    return data
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -268,8 +287,9 @@ def _check_is_vit(config: dict, source) -> None:
 def _labels(config: dict, num_classes: int) -> list[str]:
     """id2label from the config; ImageNet-1k names for 1000 classes without any; class_N otherwise."""
     id2label = config.get("id2label") or {}
+    id2label = id2label if isinstance(id2label, dict) else {}
     names = config.get("label_names")  # timm
-    if names and len(names) == num_classes:
+    if isinstance(names, list) and len(names) == num_classes:
         return list(names)
     if len(id2label) == num_classes and not all(str(v).startswith("LABEL_") for v in id2label.values()):
         return [str(id2label.get(str(i), id2label.get(i, f"class_{i}"))) for i in range(num_classes)]

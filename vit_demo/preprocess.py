@@ -22,24 +22,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
-# PIL / transformers resample codes and timm's names -> torchvision's.
-_INTERPOLATION = {
-    0: InterpolationMode.NEAREST,
-    1: InterpolationMode.LANCZOS,
-    2: InterpolationMode.BILINEAR,
-    3: InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "lanczos": InterpolationMode.LANCZOS,
-}
+# PIL's resample codes (transformers' `resample`) -> torchvision's names. BOX and HAMMING resize PIL images only.
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_PIL_ONLY = ("box", "hamming")
+
+
+class PreprocessError(ValueError):
+    """A preprocessing setting vit_demo cannot follow; the message names it and what is supported."""
 
 
 @dataclass
 class PreprocessConfig:
     resize: int | tuple[int, int] | None = 256  # int: shorter side; (h, w): both sides, aspect not kept
     crop: tuple[int, int] | None = (224, 224)  # centre crop (h, w) after resizing; None: no crop
-    interpolation: str = "bilinear"  # "bilinear", "bicubic", "nearest" or "lanczos"
+    interpolation: str = "bilinear"  # "bilinear", "bicubic", "nearest", "lanczos", "box" or "hamming"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     mode: str = "RGB"  # PIL mode the model reads: "RGB", or "L" for grayscale models
@@ -58,26 +54,28 @@ class PreprocessConfig:
 
 
 def from_transformers(pp: dict) -> PreprocessConfig:
-    """transformers' preprocessor_config.json (ViTImageProcessor, DeiTImageProcessor) -> PreprocessConfig."""
-    size = pp.get("size", {"height": 224, "width": 224})
-    if isinstance(size, int):
-        resize = (size, size)
-    elif "shortest_edge" in size:
-        resize = size["shortest_edge"]
-    else:
-        resize = (size["height"], size["width"])
-    crop = None
-    if pp.get("do_center_crop"):
-        cs = pp.get("crop_size", {"height": 224, "width": 224})
-        crop = (cs, cs) if isinstance(cs, int) else (cs["height"], cs["width"])
+    """transformers' preprocessor_config.json (ViTImageProcessor, DeiTImageProcessor) -> PreprocessConfig.
+
+    Raises:
+        PreprocessError: a size, resample code or mean/std that vit_demo cannot follow.
+    """
+    resize = _size(pp.get("size", {"height": 224, "width": 224}), "size", shortest_edge=True)
+    crop = _size(pp.get("crop_size", {"height": 224, "width": 224}), "crop_size") if pp.get("do_center_crop") else None
+    code = pp.get("resample", 2)
+    if code not in _RESAMPLE:
+        raise PreprocessError(f"resample {code!r} is not supported (PIL's codes 0 to 5 are)")
+    interpolation = _RESAMPLE[code]
+    normalize = pp.get("do_normalize", True)
     return PreprocessConfig(
         resize=resize if pp.get("do_resize", True) else None,
         crop=crop,
-        interpolation=_name(pp.get("resample", 2)),
-        mean=tuple(pp.get("image_mean", INCEPTION_MEAN)) if pp.get("do_normalize", True) else (0.0,) * 3,
-        std=tuple(pp.get("image_std", INCEPTION_STD)) if pp.get("do_normalize", True) else (1.0,) * 3,
-        dark_background=pp.get("do_dark_background", False),
-        backend="tensor",
+        interpolation=interpolation,
+        mean=_floats(pp.get("image_mean", INCEPTION_MEAN)) if normalize else (0.0,) * 3,
+        std=_floats(pp.get("image_std", INCEPTION_STD)) if normalize else (1.0,) * 3,
+        dark_background=bool(pp.get("do_dark_background", False)),
+        # transformers' image processors resize uint8 tensors, which torchvision cannot do with BOX or HAMMING:
+        # those resize PIL images, as transformers' PIL image processors (and the older slow ones) do.
+        backend="pil" if interpolation in _PIL_ONLY else "tensor",
     )
 
 
@@ -85,6 +83,9 @@ def from_timm(pretrained_cfg: dict) -> PreprocessConfig:
     """timm's pretrained_cfg (input_size, crop_pct, crop_mode, interpolation, mean, std) -> PreprocessConfig.
 
     timm evaluates with Resize(floor(size / crop_pct)) on the shorter side, then a centre crop.
+
+    Raises:
+        PreprocessError: a crop mode or interpolation that vit_demo cannot follow.
     """
     _, h, w = pretrained_cfg.get("test_input_size") or pretrained_cfg.get("input_size", (3, 224, 224))
     crop_pct = pretrained_cfg.get("test_crop_pct") or pretrained_cfg.get("crop_pct", 0.875)
@@ -94,23 +95,51 @@ def from_timm(pretrained_cfg: dict) -> PreprocessConfig:
     elif mode == "center":
         resize = math.floor(h / crop_pct) if h == w else (math.floor(h / crop_pct), math.floor(w / crop_pct))
     else:
-        raise ValueError(f"timm crop_mode '{mode}' is not supported.")
+        raise PreprocessError(f"timm crop_mode {mode!r} is not supported (center and squash are)")
+    interpolation = pretrained_cfg.get("interpolation", "bicubic")
+    if interpolation not in _RESAMPLE.values():
+        raise PreprocessError(
+            f"interpolation {interpolation!r} is not supported (nearest, bilinear, bicubic, lanczos, box and hamming are)"
+        )
     return PreprocessConfig(
         resize=resize,
         crop=(h, w),
-        interpolation=pretrained_cfg.get("interpolation", "bicubic"),
-        mean=tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
-        std=tuple(pretrained_cfg.get("std", IMAGENET_STD)),
+        interpolation=interpolation,
+        mean=_floats(pretrained_cfg.get("mean", IMAGENET_MEAN)),
+        std=_floats(pretrained_cfg.get("std", IMAGENET_STD)),
     )
+
+
+def _size(value, name: str, shortest_edge: bool = False) -> int | tuple[int, int]:
+    """transformers' size dicts: {"height", "width"} or an int -> (h, w); {"shortest_edge"} -> int."""
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, dict) and shortest_edge and isinstance(value.get("shortest_edge"), int):
+        return value["shortest_edge"]
+    if isinstance(value, dict) and isinstance(value.get("height"), int) and isinstance(value.get("width"), int):
+        return (value["height"], value["width"])
+    supported = "height and width, or shortest_edge," if shortest_edge else "height and width"
+    raise PreprocessError(f"{name} {value!r} is not supported ({supported} are)")
+
+
+def _floats(values) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise PreprocessError(f"mean and std must be lists of numbers, not {values!r}") from None
+
+
+def check_channels(cfg: PreprocessConfig, channels: int) -> None:
+    """Raises PreprocessError unless the mean and std have one value per channel the model reads."""
+    if not (len(cfg.mean) == len(cfg.std) == channels):
+        raise PreprocessError(
+            f"mean and std need {channels} values (one per channel), not {len(cfg.mean)} and {len(cfg.std)}"
+        )
 
 
 def torchvision_default(crop: int = 224) -> PreprocessConfig:
     """torchvision's ViT recipe (`ViT_B_16_Weights.IMAGENET1K_V1.transforms()`): resize 256, crop 224."""
     return PreprocessConfig(resize=256 * crop // 224, crop=(crop, crop), interpolation="bilinear")
-
-
-def _name(code) -> str:
-    return _INTERPOLATION[code].value
 
 
 def load_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
@@ -178,7 +207,8 @@ class Preprocessor:
         return self.normalize(self.crop(image))
 
 
-_PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+_PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS,
+                "box": Image.BOX, "hamming": Image.HAMMING}
 
 
 def _crop_of_extreme_image(image: Image.Image, cfg: PreprocessConfig, slack: int = 4) -> torch.Tensor | None:
