@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from conftest import EXAMPLES, ROOT, lay_out_hub_cache, make_transformers
@@ -13,7 +16,7 @@ from vit_demo import load_classifier
 
 def run(*args, env=None):
     env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "vit_demo", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "vit_demo", *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
 def test_predict_json_from_hub_cache(tmp_path):
@@ -51,3 +54,107 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     ref = make_transformers(tmp_path / "ckpt", "small")
     out = run("predict", str(bad), "--model", str(ref.path))
     assert out.returncode != 0 and "could not be read as an image" in out.stderr and "Traceback" not in out.stderr
+
+
+# --- explain: 1-based layers and heads, class-specific maps, faithfulness, one-sentence errors ----------------------
+# One run of each kind as a user runs it (a subprocess); the other cases in this process, through main().
+
+BUNDLED = ROOT / "vit_demo" / "weights" / "vit-fashion-mnist"
+SNEAKER = EXAMPLES / "fashion-mnist-sneaker-9.png"
+ON_BUNDLED = ("--model", str(BUNDLED), "--device", "cpu")
+
+
+def cli(*args) -> str | int | None:
+    """`python -m vit_demo ARGS` in this process: None when it succeeds, else what it exits with."""
+    from vit_demo.__main__ import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    return None
+
+
+def is_error(code, *fragments) -> bool:
+    assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code, code
+    for f in fragments:
+        assert f in code, (f, code)
+    return True
+
+
+@pytest.fixture
+def float32(monkeypatch):
+    monkeypatch.setenv("VIT_DEMO_PRECISION", "float32")
+
+
+def test_explain_layers_and_heads_count_from_1(tmp_path, float32):
+    from vit_demo import explain as ex
+
+    clf = load_classifier(BUNDLED, device="cpu", dtype=torch.float32)
+    crop = clf.crop(Image.open(SNEAKER))
+    with torch.no_grad():
+        _, attns = clf.model(clf.preprocessor.normalize(crop), return_attn=True)  # (1, heads, 50, 50) per layer
+    for layer, head in ((1, 2), (6, 4)):
+        out_png = tmp_path / f"l{layer}h{head}.png"
+        assert cli("explain", SNEAKER, *ON_BUNDLED, "--method", "attention", "--layer", layer, "--head", head, "--alpha", 1, "--out", out_png) is None
+        expected = ex.overlay(crop, attns[layer - 1][0, head - 1, 0, 1:].reshape(7, 7), alpha=1.0)  # layer L, head H: index L-1, H-1
+        assert np.array_equal(np.asarray(Image.open(out_png)), np.asarray(expected)), (layer, head)
+    # The last layer is the default.
+    assert cli("explain", SNEAKER, *ON_BUNDLED, "--method", "attention", "--alpha", 1, "--out", tmp_path / "default.png") is None
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "default.png")),
+                          np.asarray(ex.overlay(crop, attns[-1][0, :, 0, 1:].mean(0).reshape(7, 7), alpha=1.0)))
+    out = run("explain", SNEAKER, *ON_BUNDLED, "--method", "attention", "--layer", "7", "--out", tmp_path / "x.png")
+    assert out.returncode == 1 and out.stderr == "error: --layer 7 is out of range: this model has 6 layers, counted from 1.\n"
+    assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--method", "attention", "--head", 5, "--out", tmp_path / "x.png"), "--head 5", "4 heads", "from 1")
+    assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--layer", 0, "--out", tmp_path / "x.png"), "--layer", "from 1")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_explain_a_class_with_faithfulness(tmp_path, float32):
+    out = run("explain", SNEAKER, *ON_BUNDLED, "--method", "relevance", "--target", "Sandal", "--faithfulness",
+              "--out", tmp_path / "why.png", env={"VIT_DEMO_PRECISION": "float32"})
+    assert out.returncode == 0, out.stderr
+    clf = load_classifier(BUNDLED, device="cpu", dtype=torch.float32)
+    r = clf.faithfulness(Image.open(SNEAKER), "relevance", target="Sandal")
+    assert "relevance map of the class 'Sandal'" in out.stdout
+    assert f"deletion AUC  {r['deletion_auc']:.3f}  (random order {r['random']['deletion_auc']:.3f}; lower is better)" in out.stdout
+    assert f"insertion AUC {r['insertion_auc']:.3f}  (random order {r['random']['insertion_auc']:.3f}; higher is better)" in out.stdout
+    assert "49 steps over 49 patches, 195 forward passes" in out.stdout
+    assert Image.open(tmp_path / "why.png").size == (28, 28)
+    assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--method", "relevance", "--target", "tabby cat", "--faithfulness"),
+                    "'tabby cat'", "10 classes", "labels")
+    assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--method", "heads", "--faithfulness"), "one map")
+    assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--faithfulness", "--steps", 50), "--steps 50", "49 patches")
+
+
+def test_explain_and_predict_refuse_bad_options_in_one_sentence(tmp_path, float32):
+    out = run("explain", SNEAKER, *ON_BUNDLED, "--out", tmp_path / "missing" / "map.png")
+    assert out.returncode == 1 and out.stderr.startswith("error: the folder") and out.stderr.count("\n") == 1, out.stderr
+    assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--out", tmp_path / "missing" / "map.png"), "does not exist", "missing")
+    assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--out", tmp_path / "map"), "no image extension", ".png")
+    assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--out", tmp_path / "map.txt"), "image extension", ".png")
+    assert is_error(cli("explain", SNEAKER, *ON_BUNDLED), "nothing to do", "--out", "--faithfulness")
+    assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--alpha", 2, "--out", tmp_path / "m.png"), "--alpha")
+    assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--discard-ratio", 1, "--out", tmp_path / "m.png"), "--discard-ratio")
+    assert is_error(cli("predict", SNEAKER, *ON_BUNDLED, "--top-k", 0), "--top-k", "at least 1")
+    assert is_error(cli("predict", SNEAKER, *ON_BUNDLED, "--device", "cuda:x"), "--device")
+    assert not list(tmp_path.iterdir()), "nothing is written when the command is refused"
+
+
+def test_help_has_examples_and_describes_every_option(capsys):
+    import argparse
+
+    from vit_demo.__main__ import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("predict", "explain"):
+        for action in subparsers.choices[name]._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no description"
+    for args in (["--help"], ["explain", "--help"], ["predict", "--help"]):
+        capsys.readouterr()
+        assert cli(*args) == 0
+        text = capsys.readouterr().out
+        assert "examples:" in text and "python -m vit_demo" in text, args
+    cli("explain", "--help")
+    assert "gradient_rollout" in capsys.readouterr().out
