@@ -1,0 +1,253 @@
+"""The "Inside" tab and its endpoint, on the launched app: `/attention_distance` through gradio_client and raw
+HTTP, and the tab in a real browser (headless Chromium, Playwright).
+
+The app serves the bundled Fashion-MNIST model (28x28 grey crops, 4-pixel patches: a 7x7 grid, 6 layers of 4
+heads), a small random-weight transformers ViT (224 px, 32-pixel patches, RGB) and a distilled DeiT (two prefix
+tokens). Screenshots go to test-artifacts/ (git-ignored); Chromium must be at /usr/bin/chromium.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import EXAMPLES, ROOT, launched, make_fruit_checkpoint, make_transformers
+from vit_demo import inside as ins
+from vit_demo import load_classifier
+from vit_demo.registry import BUNDLED, BUNDLED_NAME, Registry
+
+CHELSEA = str(EXAMPLES / "chelsea.jpg")
+SNEAKER = "fashion-mnist-sneaker-9.png"
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts"
+WAIT_MS = 60_000  # the machine may be busy with other work: wait generously, never sleep
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The app, launched; yields a dict with the url, a gradio_client Client and the served checkpoints."""
+    from gradio_client import Client
+
+    tmp = tmp_path_factory.mktemp("inside")
+    fruit = str(make_fruit_checkpoint(tmp / "fruit"))
+    deit = str(make_transformers(tmp / "deit", "small", distilled=True).path)
+    registry = Registry([BUNDLED_NAME, fruit, deit], default=BUNDLED_NAME, device="cpu")
+    with launched(registry, tmp) as (demo, url):
+        client = Client(url, download_files=False, verbose=False)
+        try:
+            yield dict(url=url, client=client, demo=demo, fruit=fruit, deit=deit, tmp=tmp)
+        finally:
+            client.close()
+
+
+def np_mean_attention_distance(attns: list[torch.Tensor], num_prefix: int, grid: tuple[int, int], p: int) -> np.ndarray:
+    """The definition in numpy: sum_j a_ij |c_i - c_j| over patch keys j, averaged over patch queries i."""
+    gh, gw = grid
+    centres = np.array([((r + 0.5) * p, (c + 0.5) * p) for r in range(gh) for c in range(gw)])  # (n, 2)
+    dist = np.sqrt(((centres[:, None, :] - centres[None, :, :]) ** 2).sum(-1))  # (n, n)
+    out = []
+    for a in attns:
+        a = a.double().numpy()[:, num_prefix:, num_prefix:]  # (heads, n, n)
+        out.append((a * dist).sum(-1).mean(-1))  # (heads,)
+    return np.stack(out)  # (layers, heads)
+
+
+# --- /attention_distance ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which, photo, shape, grid, p, prefix", [
+    ("bundled", str(EXAMPLES / SNEAKER), (6, 4), (7, 7), 4, 1),
+    ("fruit", CHELSEA, (2, 4), (7, 7), 32, 1),
+    ("deit", CHELSEA, (2, 4), (4, 4), 8, 2),
+])
+def test_attention_distance_is_the_table_of_the_models_own_attention(served, which, photo, shape, grid, p, prefix):
+    """The endpoint's table has one row per layer and one column per head, and equals the definition computed in
+    numpy (and vit_demo.inside) from the attention the model gives for the same file."""
+    from gradio_client import handle_file
+
+    model = {"bundled": None, "fruit": served["fruit"], "deit": served["deit"]}[which]
+    kwargs = {} if model is None else {"model": model}  # the bundled model is the default: leave it out
+    got = served["client"].predict(image=handle_file(photo), api_name="/attention_distance", **kwargs)
+    assert got["model"] == (os.path.basename(model) if model else BUNDLED_NAME)  # local folders go by their name
+    assert (got["layers"], got["heads"]) == shape and got["grid"] == list(grid) and got["patch_size"] == p
+    table = np.array(got["distance_px"], dtype=np.float64)
+    assert table.shape == shape
+
+    clf = load_classifier(model or BUNDLED, device="cpu")
+    assert clf.config.num_prefix_tokens == prefix
+    with Image.open(photo) as im:
+        crop, attns, _ = clf.attention(im)
+    assert got["crop"] == list(crop.shape[-2:])
+    want = np_mean_attention_distance(attns, prefix, grid, p)
+    diff = np.abs(table - want).max()
+    assert diff <= 1e-3, f"max difference to numpy {diff:.3g} px"
+    lib = ins.mean_attention_distance(attns, prefix, grid, p).double().numpy()
+    assert np.abs(table - lib).max() <= 1e-3
+    # The control: the table is not a constant that happens to be near every answer. The farthest patch centres
+    # bound it, and the heads of a trained model differ.
+    farthest = math.dist((0, 0), ((grid[0] - 1) * p, (grid[1] - 1) * p))
+    assert 0 < table.min() and table.max() < farthest
+    if which == "bundled":
+        assert np.ptp(table) > 0.5, table
+
+
+def _call_raw(url: str, data: list) -> str:
+    """Calls /attention_distance over plain HTTP (as any script could, with no client checks); the event stream."""
+    with httpx.Client(base_url=url, timeout=60) as http:
+        response = http.post("gradio_api/call/attention_distance", json={"data": data})
+        response.raise_for_status()
+        event_id = response.json()["event_id"]
+        return http.get(f"gradio_api/call/attention_distance/{event_id}").text
+
+
+@pytest.mark.parametrize("where", ["/etc/passwd", "a photo outside the upload cache"])
+def test_a_server_path_is_refused_before_anything_opens_it(served, monkeypatch, where):
+    outside = served["tmp"] / "outside.jpg"
+    Image.open(CHELSEA).save(outside)  # a real image: refused for where it is, not for what it is
+    path = str(outside) if where.startswith("a photo") else where
+    clf = served["demo"].registry.get(BUNDLED_NAME)
+    opened = []
+    attention = clf.attention
+    monkeypatch.setattr(clf, "attention", lambda *a, **k: opened.append(a) or attention(*a, **k))
+    for payload in ({"path": path}, {"path": path, "meta": {"_type": "gradio.FileData"}}):
+        stream = _call_raw(served["url"], [payload, BUNDLED_NAME])
+        assert "event: error" in stream, stream
+        assert "Only images uploaded to this app can be used" in stream, stream
+        assert "root:" not in stream and "Traceback" not in stream
+    assert opened == []
+    # The control: the same call with the photo uploaded is answered.
+    from gradio_client import handle_file
+
+    got = served["client"].predict(image=handle_file(str(outside)), api_name="/attention_distance")
+    assert got["layers"] == 6 and len(opened) == 1
+
+
+def test_a_model_not_on_offer_is_refused_in_one_sentence(served):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="is not one of the models this app offers: pick one from the list"):
+        served["client"].predict(image=handle_file(CHELSEA), model="/etc", api_name="/attention_distance")
+
+
+# --- the tab in a browser ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser(served):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"Chromium is not installed at {CHROMIUM}: the browser tests need it "
+                    "(apt-get install -y chromium chromium-driver).", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield b
+        b.close()
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def _loaded(page, selector: str) -> dict:
+    """Waits until the <img> in `selector` has loaded; its natural size."""
+    page.locator(f"{selector} img").first.wait_for(state="visible")
+    page.wait_for_function(
+        f"() => {{ const i = document.querySelector('{selector} img'); return i && i.complete && i.naturalWidth > 0; }}",
+        timeout=WAIT_MS,
+    )
+    return page.evaluate(f"() => {{ const i = document.querySelector('{selector} img'); return [i.naturalWidth, i.naturalHeight, i.src]; }}")
+
+
+def _image(page, selector: str) -> np.ndarray:
+    """The pixels of the <img> in `selector`, once loaded, as the server sent them."""
+    _, _, src = _loaded(page, selector)
+    response = page.request.get(src)
+    assert response.ok, f"GET {src}: {response.status}"
+    return np.asarray(Image.open(io.BytesIO(response.body())).convert("RGB"))
+
+
+def _dots(page, count: int) -> list[tuple[int, int, float]]:
+    """The plotted dots as (layer, head, distance), read from the plot's SVG once it holds `count` of them."""
+    query = "() => Array.from(document.querySelectorAll('#inside-distance [aria-label^=\"layer: \"]'), e => e.getAttribute('aria-label'))"
+    page.wait_for_function(f"() => ({query})().length === {count}", timeout=WAIT_MS)
+    dots = []
+    for label in page.evaluate(query):  # "layer: 1; mean attention distance (px): 13.62; head: head 1"
+        fields = dict(part.split(": ", 1) for part in label.split("; "))
+        dots.append((int(fields["layer"]), int(fields["head"].removeprefix("head ")), float(fields["mean attention distance (px)"])))
+    return dots
+
+
+def test_inside_tab_shows_all_four_parts(browser, served):
+    """Opened before any photo, the tab shows the model-only parts and says what the photo parts need; with an
+    example picked, all four parts; with another model picked, the parts of that model."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    try:
+        page.goto(served["url"], wait_until="domcontentloaded")
+        page.get_by_role("tab", name="Inside").filter(visible=True).first.click()
+        # No photo yet: the filters and position embeddings are there, the photo parts say what they need.
+        # They are the bundled model's own (PNG: lossless), drawn from the weights in the file.
+        bundled = load_classifier(BUNDLED, device="cpu").model
+        filters = ins.draw_filters(ins.filter_components(bundled.patch_embed.proj.weight)[0])
+        positions = ins.draw_position_similarity(ins.position_similarity(bundled.pos_embed, 1, (7, 7)))
+        assert np.array_equal(_image(page, "#inside-filters"), np.asarray(filters))
+        assert np.array_equal(_image(page, "#inside-positions"), np.asarray(positions))
+        expect(page.locator("#inside-filters-caption")).to_contain_text("The first 16 principal components of the 128 filters (1×4×4")
+        expect(page.locator("#inside-filters-caption")).to_contain_text("100.0%")
+        expect(page.locator("#inside-counts")).to_contain_text("Give a photo")
+        expect(page.locator("#inside-patches img")).to_have_count(0)
+        _shot(page, "inside-no-photo.png")
+
+        # An example: the patches, their counts, and one dot per head in the plot.
+        page.locator(".gallery").get_by_text(SNEAKER).or_(page.locator(f'.gallery img[src*="{SNEAKER}"]')).first.click()
+        expect(page.locator("#inside-counts")).to_contain_text(
+            "49 patches (7×7 of 4×4 pixels, from a 28×28 crop) + 1 prefix token (class) = a sequence of 50 tokens", timeout=WAIT_MS)
+        width, height, _ = _loaded(page, "#inside-patches")
+        assert (width, height) == (280, 280), (width, height)  # 28 px enlarged 10 times, so that cells are 40 px
+        expect(page.locator("#inside-distance-caption")).to_contain_text("6 layers × 4 heads")
+        # One dot per head and layer, at the distance the model's own attention gives for this file.
+        dots = _dots(page, 6 * 4)
+        clf = load_classifier(BUNDLED, device="cpu")
+        with Image.open(EXAMPLES / SNEAKER) as im:
+            _, attns, _ = clf.attention(im)
+        want = np_mean_attention_distance(attns, 1, (7, 7), 4)
+        assert sorted((layer, head) for layer, head, _ in dots) == [(l, h) for l in range(1, 7) for h in range(1, 5)]
+        diff = max(abs(d - want[layer - 1, head - 1]) for layer, head, d in dots)
+        assert diff <= 1e-3, f"the plotted distances differ from numpy's by up to {diff:.3g} px"
+        _shot(page, "inside-example.png")
+
+        # The numbers behind the plot, as the endpoint gives them.
+        page.get_by_text("The numbers (as the /attention_distance endpoint returns them)").click()
+        page.locator("#inside-table-btn").click()
+        expect(page.locator("#inside-table")).to_contain_text("distance_px", timeout=WAIT_MS)
+        expect(page.locator("#inside-table")).to_contain_text(BUNDLED_NAME)
+
+        # Another model: its own filters (RGB, 3x32x32) and patches (7x7 of 32 px); the table of the old one goes.
+        model = page.locator("#model input")
+        model.click()
+        page.get_by_role("option", name="fruit", exact=True).click()
+        expect(page.locator("#inside-filters-caption")).to_contain_text("(3×32×32 numbers each, drawn in RGB)", timeout=WAIT_MS)
+        expect(page.locator("#inside-counts")).to_contain_text("49 patches (7×7 of 32×32 pixels, from a 224×224 crop)", timeout=WAIT_MS)
+        expect(page.locator("#inside-distance-caption")).to_contain_text("2 layers × 4 heads")
+        assert {layer for layer, _, _ in _dots(page, 2 * 4)} == {1, 2}
+        expect(page.locator("#inside-table")).not_to_contain_text("distance_px")
+        _shot(page, "inside-other-model.png")
+    finally:
+        context.close()
