@@ -104,8 +104,8 @@ def test_concurrent_predict_equals_one_at_a_time_and_a_bad_image_fails_alone(fru
     assert seen == [1, len(inputs) - 2], seen
 
 
-def test_float32_on_cpu_and_bfloat16_where_cuda_has_it():
-    assert inference_dtype(torch.device("cpu")) == torch.float32
+def test_bfloat16_where_cuda_has_it(monkeypatch):
+    monkeypatch.delenv("VIT_DEMO_PRECISION", raising=False)  # the automatic choice (CPUs: tests/test_precision.py)
     if torch.cuda.is_available():
         expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         assert inference_dtype(torch.device("cuda")) == expected

@@ -37,13 +37,14 @@ class Classifier:
         config: the model's ViTConfig.
         preprocessor: image -> the exact crop the model sees -> normalised tensor.
         name: where the checkpoint came from.
-        dtype: the precision inference runs in (bfloat16 on CUDA GPUs that have it, else float32).
+        dtype: the precision inference runs in (by default `runtime.inference_dtype`'s choice: bfloat16 where the
+            device is fast at it, else float32; VIT_DEMO_PRECISION overrides).
         runtime: runs `predict`'s forward passes (CUDA graph for batch 1, concurrent callers batched).
     """
 
     def __init__(self, checkpoint: Checkpoint, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype if dtype is not None else inference_dtype(self.device)
+        self.dtype = dtype if dtype is not None else inference_dtype(self.device, checkpoint.config)
         self.config = checkpoint.config
         try:
             self.model = VisionTransformer(self.config)
@@ -360,7 +361,8 @@ def load_classifier(source: str | os.PathLike, revision: str | None = None, devi
         source: e.g. "google/vit-base-patch16-224", "timm/deit_tiny_patch16_224.fb_in1k", "./folder", "vit_b_16.pth".
         revision: branch, tag or commit for a Hub repo.
         device: "cuda", "mps", "cpu"...; by default the best available.
-        dtype: e.g. torch.float32 to keep full precision on a GPU; by default bfloat16 where supported.
+        dtype: e.g. torch.float32 to keep full precision; by default bfloat16 where the device is fast at it (CUDA GPUs
+            that support it, CPUs with AMX), else float32, or VIT_DEMO_PRECISION when set.
     Raises:
         ModelLoadError: the checkpoint cannot be found, read or understood; the message says what to do.
     """

@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
+import time
 import weakref
 from typing import Callable
 
@@ -19,14 +21,84 @@ MAX_BATCH = 16  # concurrent requests answered by one forward pass, at most
 _CAPTURE_LOCK = threading.Lock()  # CUDA captures one graph at a time per process
 
 
-def inference_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CUDA GPUs that support it; float32 elsewhere (older GPUs, CPUs and MPS, where bfloat16
-    is missing, partial or slower than float32)."""
-    if device.type != "cuda":
-        return torch.float32
-    if os.environ.get("SPACES_ZERO_GPU"):  # ZeroGPU lends its (bfloat16-capable) GPUs only inside calls: no query here
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # VIT_DEMO_PRECISION's values besides "auto"
+BF16_FAST_ENOUGH = 0.7  # a CPU without AMX gets bfloat16 when its matrix products take at most this share of float32's time
+
+
+def inference_dtype(device: torch.device, config=None) -> torch.dtype:
+    """The precision inference runs in on `device`.
+
+    `VIT_DEMO_PRECISION=float32|bfloat16` decides; unset, empty or `auto`, the device's fast precision:
+    bfloat16 on CUDA GPUs that support it (on ZeroGPU without querying the GPU, which is lent only inside
+    calls); on CPUs bfloat16 where they have AMX, float32 where bfloat16 is emulated, and for CPUs with
+    avx512_bf16 but no AMX (faster on some, slower on others, and slower for small models) whichever a short
+    measurement of a matrix product of the model's size finds faster; float32 on MPS and other devices. Any
+    other value is named in a warning and treated as `auto`.
+
+    Args:
+        device: where the model will run.
+        config: the model's ViTConfig, whose sizes the CPU measurement uses (ViT-B/16's when None).
+    Returns:
+        torch.float32 or torch.bfloat16.
+    """
+    choice = os.environ.get("VIT_DEMO_PRECISION", "").strip().lower() or "auto"
+    if choice in PRECISIONS:
+        return PRECISIONS[choice]
+    if choice != "auto":
+        log.warning("VIT_DEMO_PRECISION=%r is not one of auto, float32, bfloat16: using auto.", choice)
+    if device.type == "cuda":
+        if os.environ.get("SPACES_ZERO_GPU"):  # ZeroGPU lends its (bfloat16-capable) GPUs only inside calls: no query here
+            return torch.bfloat16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type != "cpu":
+        return torch.float32  # MPS and others: bfloat16 missing, partial or slower
+    support = cpu_bf16_support()
+    if support == "amx":
         return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if support == "avx512_bf16":
+        sizes = _mlp_sizes(config)
+        ratio = cpu_bf16_time_ratio(*sizes)
+        log.info("bfloat16 matrix products %s take %.2fx float32's time on this CPU.", sizes, ratio)
+        return torch.bfloat16 if ratio <= BF16_FAST_ENOUGH else torch.float32
+    return torch.float32
+
+
+def cpu_bf16_support() -> str:
+    """What this CPU has for bfloat16 matrix products: "amx" (tile units, several times float32's speed),
+    "avx512_bf16" (dot-product instructions: faster than float32 on some CPUs, slower on others), or "none"
+    (emulated: slower than float32)."""
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    return "none"
+
+
+def _mlp_sizes(config) -> tuple[int, int, int]:
+    """(tokens, embed_dim, mlp_dim) of a ViTConfig's MLP; ViT-B/16's for None."""
+    if config is None:
+        return 197, 768, 3072
+    return config.grid_size**2 + config.num_prefix_tokens, config.embed_dim, config.mlp_dim
+
+
+@functools.cache
+def cpu_bf16_time_ratio(tokens: int = 197, dim: int = 768, hidden: int = 3072, repeats: int = 5) -> float:
+    """bfloat16 time / float32 time of a ViT's MLP matrix product, (tokens, dim) x (dim, hidden), on this CPU:
+    the best of `repeats` interleaved runs each, after a warm-up; about 0.1 s for ViT-B/16's sizes (the
+    defaults), measured once per process and sizes."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(tokens, dim, generator=g), torch.randn(hidden, dim, generator=g)
+    pairs = [(x, w), (x.bfloat16(), w.bfloat16())]
+    best = [float("inf"), float("inf")]
+    with torch.inference_mode():
+        for r in range(repeats + 1):
+            for i, (a, b) in enumerate(pairs):
+                start = time.perf_counter()
+                torch.nn.functional.linear(a, b)
+                if r:  # the first round warms up
+                    best[i] = min(best[i], time.perf_counter() - start)
+    return best[1] / best[0]
 
 
 class GraphedForward:
