@@ -71,13 +71,15 @@ class PhotoInput(gr.Image):
             raise refusal(UNREADABLE) from e
 
 
-def header_estimate(path: str) -> int:
-    """Bytes that decoding `path` will take, read from its header alone; refuses bombs and non-images."""
+def header_estimate(path: str, clf=None) -> int:
+    """Bytes that decoding `path` for `clf` will take (for the costliest preprocessing when None), read from its
+    header alone; refuses bombs and non-images."""
+    cfg = clf.preprocessor.cfg if clf is not None else preprocess.PreprocessConfig(backend="tensor")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                return preprocess.decoded_bytes(im)
+                return preprocess.decoded_bytes(im, cfg.mode, cfg.backend)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise refusal(TOO_LARGE) from e
     except (UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
@@ -120,9 +122,9 @@ BUDGET = DecodeBudget()
 
 
 @contextlib.contextmanager
-def decoding(path: str):
-    """Holds the budget for decoding `path` (an image PhotoInput admitted) while the block runs."""
-    with BUDGET.hold(header_estimate(path)):
+def decoding(path: str, clf=None):
+    """Holds the budget for decoding `path` (an image PhotoInput admitted) for `clf` while the block runs."""
+    with BUDGET.hold(header_estimate(path, clf)):
         yield
 
 
