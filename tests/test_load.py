@@ -203,12 +203,6 @@ def test_sixteen_clients_for_thirty_seconds(served):
     assert rss_after - rss_before < MAX_RSS_GROWTH_MB, f"resident memory grew by {rss_after - rss_before:.0f} MB"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Gradio's processing_utils.save_pil_to_cache writes every output image with Path.write_bytes into a folder "
-    "named by its content hash: the same overlay (same image, same settings) is truncated and rewritten in place "
-    "while other visitors download it, who then get 0 bytes or a truncated PNG (seen under load). "
-    "Fix: write to a temporary file and os.replace() it, or skip the write when the file exists (see the report)."
-))
 def test_identical_overlays_are_not_rewritten_in_place(served):
     """Two identical /explain answers share one file; the second must not rewrite it in place (a new inode from an
     atomic replace, or an untouched file, are both fine)."""
