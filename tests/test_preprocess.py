@@ -1,5 +1,6 @@
 """vit_demo's input tensor equals each reference library's own preprocessing of a real photo (<= 1e-3)."""
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -68,84 +69,121 @@ def test_transparency_is_flattened_onto_white_and_grayscale_becomes_rgb():
     rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
     assert load_image(rgba).getpixel((0, 0)) == (255, 255, 255)
     assert load_image(Image.new("L", (8, 8), 100)).getpixel((0, 0)) == (100, 100, 100)
-    assert load_image(Image.new("I;16", (8, 8), 300)).mode == "RGB"
 
 
-# --- a repo only partly in the Hugging Face cache ------------------------------------------------------------
+# --- more than 8 bits per pixel ---------------------------------------------------------------------------------
 
 
-def test_half_cached_timm_repo_fetches_its_config_instead_of_imagenet_defaults(tmp_path, fake_hub):
-    """timm's `create_model(..., pretrained=True)` caches only model.safetensors. The repo's config.json (mean 0.5,
-    crop 0.9 for an augreg model, not ImageNet's 0.485 and 0.875) is fetched from the Hub before loading."""
-    from timm.data import create_transform, resolve_data_config
-
-    repo = "timm/vit_small_patch16_224.augreg_in21k_ft_in1k"
-    ref = make_timm(tmp_path / "ckpt", repo.split("/")[1], depth=1)
-    fake_hub.serve(repo, ref.path)
-    lay_out_hub_cache(fake_hub.hf_home, repo, ref.path, only=("model.safetensors",))
-    photo = Image.open(EXAMPLES / "chelsea.jpg")
-    data_config = resolve_data_config({}, model=ref.model)
-    assert data_config["mean"] == (0.5, 0.5, 0.5) and data_config["crop_pct"] == 0.9  # not the defaults
-    expected = create_transform(**data_config)(photo.convert("RGB")).unsqueeze(0)
-    clf = load_classifier(repo, device="cpu")
-    assert_close(clf.preprocess(photo), expected, ATOL, "half-cached timm repo")
-    assert any(p.endswith("/config.json") for p in fake_hub), fake_hub
+def gray_photo() -> np.ndarray:
+    return np.asarray(Image.open(EXAMPLES / "chelsea.jpg").convert("L"))  # (300, 451) uint8
 
 
-def test_half_cached_deit_repo_fetches_its_preprocessor_config(tmp_path, fake_hub):
-    """A transformers DeiT cached without preprocessor_config.json (resize 256, crop 224 in the real one) fetches it."""
-    from transformers import AutoImageProcessor
-
-    repo = "facebook/deit-test-distilled"
-    ref = make_transformers(tmp_path / "ckpt", "small", distilled=True, image_size=224, patch_size=32)
-    fake_hub.serve(repo, ref.path)
-    lay_out_hub_cache(fake_hub.hf_home, repo, ref.path, only=("model.safetensors", "config.json"))
-    photo = Image.open(EXAMPLES / "chelsea.jpg")
-    expected = AutoImageProcessor.from_pretrained(ref.path)(photo, return_tensors="pt").pixel_values
-    assert_close(load_classifier(repo, device="cpu").preprocess(photo), expected, ATOL, "half-cached DeiT repo")
-    assert any(p.endswith("/preprocessor_config.json") for p in fake_hub), fake_hub
-
-
-def test_a_file_the_cache_knows_is_missing_is_not_fetched(tmp_path, offline_hub):
-    """huggingface_hub records a file a repo does not have (`.no_exist/<sha>/<name>`): such a repo loads offline
-    with the format's defaults, as it would online."""
-    repo = "someone/vit-without-preprocessor-config"
-    ref = make_transformers(tmp_path / "ckpt", "small", image_size=224, patch_size=32)
-    sha = lay_out_hub_cache(offline_hub, repo, ref.path, only=("model.safetensors", "config.json"))
-    no_exist = offline_hub / "hub" / f"models--{repo.replace('/', '--')}" / ".no_exist" / sha
-    no_exist.mkdir(parents=True)
-    (no_exist / "preprocessor_config.json").touch()
-    pp = load_classifier(repo, device="cpu").preprocessor.cfg
-    assert pp.mean == (0.5, 0.5, 0.5) and pp.resize == (224, 224) and pp.crop is None  # ViTImageProcessor's defaults
+@pytest.mark.parametrize("bits", [16, 12, 10])
+def test_high_bit_depth_keeps_its_contrast(tmp_path, bits):
+    """A photo stored in a 16-bit PNG with `bits` significant bits (12-bit camera data: 0..4095) comes back as
+    the same photo in 8 bits, not as 0..15."""
+    gray = gray_photo()
+    top = 2**bits - 1
+    values = np.round(gray * (top / 255)).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "photo.png")
+    with Image.open(tmp_path / "photo.png") as im:
+        assert im.mode == "I;16"
+        got = np.asarray(load_image(im, "L")).astype(int)
+    assert np.array_equal(got, np.round(values * (255 / top)).astype(int)), "not scaled by the bit depth"
+    assert np.abs(got - gray).max() <= 1 and abs(got.std() - gray.std()) < 0.5  # the photo, with its contrast
 
 
-def test_a_repo_downloaded_once_loads_offline_even_without_every_metadata_file(tmp_path, fake_hub, monkeypatch):
-    """A first load downloads the repo and records which metadata files it lacks, so that the next load, offline,
-    does not take the cache for half a download."""
-    from huggingface_hub import constants
-
-    repo = "someone/vit-without-preprocessor-config"
-    ref = make_transformers(tmp_path / "ckpt", "small", image_size=224, patch_size=32)
-    (ref.path / "preprocessor_config.json").unlink()
-    fake_hub.serve(repo, ref.path)
-    online = load_classifier(repo, device="cpu").preprocessor.cfg
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    asked = len(fake_hub)
-    assert load_classifier(repo, device="cpu").preprocessor.cfg == online
-    assert len(fake_hub) == asked, "the offline load asked the Hub"
+def test_big_endian_and_32_bit_integers_are_scaled_alike():
+    values = (gray_photo().astype(np.uint16) << 4)  # 12 bits
+    little = load_image(Image.fromarray(values), "L")
+    big = load_image(Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes()), "L")
+    wide = load_image(Image.fromarray(values.astype(np.int32)), "L")
+    assert np.array_equal(np.asarray(big), np.asarray(little)) and np.array_equal(np.asarray(wide), np.asarray(little))
+    eight = load_image(Image.fromarray(gray_photo().astype(np.int32)), "L")  # mode "I" holding 8-bit values
+    assert np.array_equal(np.asarray(eight), gray_photo())
 
 
-@pytest.mark.parametrize("resample", [4, 5], ids=["BOX", "HAMMING"])
-def test_box_and_hamming_resampling_as_transformers_pil_processor(tmp_path, resample):
-    """PIL's resample codes 4 (BOX) and 5 (HAMMING) resize with PIL, as transformers' PIL image processor does
-    (its torchvision one cannot resize tensors with them)."""
-    import json
+def test_float_images_by_their_finite_range():
+    unit = np.array([[0.0, 0.5, 1.0, np.nan]], np.float32)
+    assert np.asarray(load_image(Image.fromarray(unit), "L")).tolist() == [[0, 128, 255, 0]]
+    wide = np.array([[-1.0, 0.0, 3.0, np.inf, -np.inf, np.nan]], np.float32)  # range -1..3; inf is not part of it
+    assert np.asarray(load_image(Image.fromarray(wide), "L")).tolist() == [[0, 64, 255, 255, 0, 0]]
 
-    from transformers.models.vit import ViTImageProcessorPil
 
-    ref = make_transformers(tmp_path, "small", image_size=224, patch_size=32)
-    pp_path = ref.path / "preprocessor_config.json"
-    pp_path.write_text(json.dumps({**json.loads(pp_path.read_text()), "resample": resample}))
-    photo = Image.open(EXAMPLES / "chelsea.jpg")
-    expected = ViTImageProcessorPil(**json.loads(pp_path.read_text()))(photo, return_tensors="pt").pixel_values
-    assert_close(load_classifier(ref.path, device="cpu").preprocess(photo), expected, ATOL, f"resample {resample}")
+def test_16_bit_conversion_makes_no_wide_copies():
+    """The 8-bit copy is made a strip at a time: numpy's working memory stays near the 8-bit result's size,
+    where int64 copies of the whole image took 8 bytes a pixel, several times over (about 1 GB for 6300x6300)."""
+    import tracemalloc
+
+    w, h = 3000, 2000
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 65536, (h, w), dtype=np.uint16))
+    tracemalloc.start()
+    try:
+        load_image(image, "L")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < w * h + 32 * 2**20, f"{peak / 2**20:.0f} MB of working memory for a {w * h / 1e6:.0f}-megapixel image"
+
+
+def test_decoded_bytes_follows_its_formula(tmp_path):
+    """Pillow keeps RGB in 4 bytes a pixel, 16-bit gray in 2; each copy load_image may make is counted once."""
+    from vit_demo.preprocess import _STRIP_PIXELS, decoded_bytes
+
+    Image.new("RGB", (100, 50)).save(tmp_path / "rgb.jpg")
+    Image.fromarray(np.zeros((50, 100), np.uint16)).save(tmp_path / "gray16.png")
+    Image.new("RGBA", (100, 50)).save(tmp_path / "rgba.png")
+    p = 100 * 50
+    with Image.open(tmp_path / "rgb.jpg") as im:
+        assert decoded_bytes(im) == 2 * p * 4  # decoded, and turned upright
+        assert decoded_bytes(im, "L") == 2 * p * 4 + p
+        assert decoded_bytes(im, "RGB", backend="tensor") == 2 * p * 4 + 2 * p * 3
+    with Image.open(tmp_path / "gray16.png") as im:
+        assert im.mode == "I;16"
+        assert decoded_bytes(im) == 2 * p * 2 + p + _STRIP_PIXELS * 10 + p * 4
+    with Image.open(tmp_path / "rgba.png") as im:
+        assert decoded_bytes(im) == 2 * p * 4 + 2 * p * 4
+
+
+def test_decoded_bytes_reads_the_header_only(tmp_path):
+    """A PNG cut short after its header: its size is estimated without decoding (which would fail)."""
+    from vit_demo.preprocess import decoded_bytes
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 65536, (400, 600), dtype=np.uint16)).save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:200])
+    with Image.open(tmp_path / "cut.png") as im:
+        assert decoded_bytes(im) > 600 * 400 * 2
+    with Image.open(tmp_path / "cut.png") as im, pytest.raises(OSError):  # the control: decoding fails
+        im.load()
+
+
+# --- damaged metadata -------------------------------------------------------------------------------------------
+
+
+def with_garbage_exif(image: Image.Image, fmt: str) -> bytes:
+    """`image` as a PNG (with an eXIf chunk) or WebP (with an EXIF chunk) whose EXIF block is not TIFF data."""
+    import io
+    import struct
+    import zlib
+
+    garbage = b"this is not a TIFF header" * 4
+    buf = io.BytesIO()
+    if fmt == "WEBP":
+        image.save(buf, "WEBP", lossless=True, exif=garbage)
+        return buf.getvalue()
+    image.save(buf, "PNG")
+    png = buf.getvalue()
+    chunk = struct.pack(">I", len(garbage)) + b"eXIf" + garbage + struct.pack(">I", zlib.crc32(b"eXIf" + garbage))
+    return png[:-12] + chunk + png[-12:]  # before IEND (12 bytes)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_garbage_exif_keeps_the_pixels_unrotated(fmt):
+    import io
+
+    photo = Image.open(EXAMPLES / "chelsea.jpg").convert("RGB").resize((64, 40))
+    data = with_garbage_exif(photo, fmt)
+    with pytest.raises(SyntaxError):  # the control: Pillow cannot parse this EXIF block
+        Image.open(io.BytesIO(data)).getexif()
+    got = load_image(Image.open(io.BytesIO(data)))
+    assert got.size == (64, 40) and np.array_equal(np.asarray(got), np.asarray(photo))

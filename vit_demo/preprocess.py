@@ -142,12 +142,17 @@ def torchvision_default(crop: int = 224) -> PreprocessConfig:
     return PreprocessConfig(resize=256 * crop // 224, crop=(crop, crop), interpolation="bilinear")
 
 
+HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # modes load_image scales to 8 bits
+_STRIP_PIXELS = 1 << 20  # pixels scaled to 8 bits at a time: bounds the working copies to a few MB
+
+
 def load_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
     """Puts a photo upright (EXIF orientation) and into the mode the model reads: the first frame of an
-    animation, transparency flattened onto white, 16-bit and float images scaled to 8 bits."""
-    if image.getexif().get(0x0112, 1) != 1:  # exif_transpose copies even upright images: only call it when needed
+    animation, transparency flattened onto white, 16-bit, 32-bit and float images scaled to 8 bits.
+    A photo whose EXIF block cannot be parsed keeps its pixels as stored (not rotated)."""
+    if _orientation(image) != 1:  # exif_transpose copies even upright images: only call it when needed
         image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if image.mode in HIGH_DEPTH:
         image = _to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -156,16 +161,107 @@ def load_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1: upright), or 1 when the EXIF block is damaged (Pillow raises SyntaxError and
+    others for what a camera, an editor or a stranger wrote there)."""
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - any parse failure means: no usable orientation
+        return 1
+
+
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit integer images (0..65535) -> 8 bits by dropping the low byte; float images by their range."""
-    a = np.asarray(image)
-    if image.mode == "F":
-        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-        a = (a - lo) / (hi - lo or 1.0) * 255 if (lo < 0 or hi > 1) else a * 255
+    """A 16-bit, 32-bit integer or float grayscale image -> 8 bits ("L"), keeping its contrast.
+
+    Integers are scaled by the smallest bit depth from 8 up that holds their brightest pixel, so 12-bit data
+    stored in 16 bits (0..4095) spans 0..255 like 16-bit data (0..65535) does; images with negative values by
+    their range. Floats are read as 0..1 when they lie within it, else by their (finite) range. The image is
+    converted a strip of rows at a time, so the working copies stay at a few megabytes whatever its size.
+    """
+    lo, hi = _finite_range(image)
+    if image.mode == "F" and 0 <= lo and hi <= 1:
+        offset, top = 0.0, 1.0
+    elif image.mode != "F" and lo >= 0:
+        offset, top = 0.0, float(2 ** max(8, int(hi).bit_length()) - 1)
     else:
-        sixteen = image.mode.startswith("I;16") or a.max(initial=0) > 255  # mode "I" may hold 8-bit values
-        a = a.astype(np.int64) >> 8 if sixteen else a
-    return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8), "L")
+        offset, top = lo, (hi - lo) or 1.0
+    scale = 255.0 / top
+    w, h = image.size
+    out = np.empty((h, w), np.uint8)
+    for y, strip in _strips(image):
+        x = strip.astype(np.float64)  # (rows, w): exact for every 16- and 32-bit value
+        x -= offset
+        x *= scale
+        np.nan_to_num(x, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+        np.clip(x, 0, 255, out=x)
+        out[y : y + len(x)] = np.rint(x)
+    return Image.fromarray(out, "L")
+
+
+def _strips(image: Image.Image):
+    """(first row, pixels as a numpy array (rows, w)) for strips of about _STRIP_PIXELS pixels."""
+    w, h = image.size
+    rows = max(1, _STRIP_PIXELS // max(w, 1))
+    for y in range(0, h, rows):
+        yield y, np.asarray(image.crop((0, y, w, min(h, y + rows))))
+
+
+def _finite_range(image: Image.Image) -> tuple[float, float]:
+    """The smallest and largest finite pixel values (0, 0 for an image with none)."""
+    lo, hi = math.inf, -math.inf
+    for _, a in _strips(image):
+        if a.dtype.kind == "f":
+            a = a[np.isfinite(a)]
+        if a.size:
+            lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+    return (lo, hi) if lo <= hi else (0.0, 0.0)
+
+
+def decoded_bytes(image: Image.Image, mode: str = "RGB", backend: str = "pil") -> int:
+    """The memory that decoding `image` and preparing it for a model takes, estimated from the header alone
+    (nothing is decoded; the EXIF orientation is not read either, since a PNG's may lie after its pixels).
+
+    With P = width x height pixels, B(m) Pillow's bytes per pixel of mode m in memory (1 for "1", "L" and "P";
+    2 for "I;16*"; 4 for the others, RGB included), C the channels of `mode` and S = _STRIP_PIXELS:
+
+        P x B(image.mode)                                   the decoded image
+      + P x B(image.mode)                                   the upright copy (EXIF orientation)
+      + P x 1 + S x (B(image.mode) + 8)   if 16/32-bit/float: the 8-bit copy and one strip's working copies
+      + 2 x P x 4                         if transparent:  the RGBA copy and the flattened RGB
+      + P x B(mode)                       else if the mode differs: the converted copy
+      + 2 x P x C                         if backend is "tensor": the uint8 tensor and the resize's copy
+
+    It is an upper bound (some copies are freed before the next is made). A 6300x6300 16-bit PNG read as RGB
+    and cropped peaked at 265 MiB (pil) and 455 MiB (tensor) of resident memory, for estimates of 351 and
+    578 MiB (with int64 copies, before strips, it peaked at 985 MiB).
+
+    Args:
+        image: an opened PIL image; it need not be loaded.
+        mode: the mode the model reads ("RGB" or "L").
+        backend: the checkpoint's PreprocessConfig.backend ("pil" resizes PIL images, "tensor" uint8 tensors).
+    Returns:
+        bytes.
+    """
+    pixels = image.size[0] * image.size[1]
+    b = _pixel_bytes(image.mode)
+    total = 2 * pixels * b
+    current = image.mode
+    if current in HIGH_DEPTH:
+        total += pixels + _STRIP_PIXELS * (b + 8)
+        current = "L"
+    if current in ("RGBA", "LA", "PA") or (current == "P" and "transparency" in image.info):
+        total += 2 * pixels * 4
+    elif current != mode:
+        total += pixels * _pixel_bytes(mode)
+    if backend == "tensor":
+        total += 2 * pixels * len(mode)
+    return total
+
+
+def _pixel_bytes(mode: str) -> int:
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
 
 
 class Preprocessor:
