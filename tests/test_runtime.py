@@ -133,7 +133,7 @@ def test_cuda_graph_replays_the_eager_forward():
     with torch.inference_mode():
         eager = clf.model(x.to("cuda", clf.dtype)).float().cpu()
         graphed = clf.runtime(x)
-        assert clf.runtime._graph is not None, "no CUDA graph was captured"
+        assert tuple(x.shape) in clf.runtime._graphs, "no CUDA graph was captured"
         again = clf.runtime(x)
     assert_close(graphed, eager, 1e-3, "graph vs eager")
     assert torch.equal(graphed, again)
@@ -159,3 +159,91 @@ def test_cuda_runtime_batches_concurrent_callers():
     for got, want in zip(results, expected):
         assert got.argmax() == want.argmax()
         assert_close(got.softmax(-1), want, 1e-2, "batched vs alone (bfloat16 probabilities)")
+
+
+# --- inputs of different shapes, errors, CUDA graphs ----------------------------------------------------------
+
+
+def test_inputs_of_different_shapes_are_never_concatenated():
+    """Checkpoints without a fixed crop give each photo its own shape: those wait for a pass of their own shape
+    instead of failing everybody's pass with "Sizes of tensors must match"."""
+    def forward(x):
+        shapes.append(tuple(x.shape))
+        return 2 * x
+
+    shapes = []
+    batcher = Batcher(forward)
+    inputs = [torch.full((1, 3, 4, 4), 1.0), torch.full((1, 3, 4, 6), 2.0), torch.full((1, 3, 4, 4), 3.0),
+              torch.full((1, 3, 4, 6), 4.0), torch.full((1, 3, 4, 4), 5.0)]
+    seen = hold_first_pass(batcher, len(inputs) - 1)
+    results = first_then_rest(batcher, inputs, seen)
+    for x, y in zip(inputs, results):
+        assert isinstance(y, torch.Tensor) and torch.equal(y, 2 * x), (x.shape, y)
+    assert shapes == [(1, 3, 4, 4), (2, 3, 4, 6), (2, 3, 4, 4)], shapes  # the oldest waiting input's shape goes first
+
+
+def test_each_caller_of_a_failed_pass_gets_its_own_exception_chained_to_the_original():
+    """One exception object raised in several threads at once would share (and race on) its traceback."""
+    def forward(x):
+        if len(seen) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return x
+
+    batcher = Batcher(forward)
+    seen = hold_first_pass(batcher, 3)
+    errors = first_then_rest(batcher, [torch.zeros(1, 1) for _ in range(4)], seen)[1:]
+    assert all(isinstance(e, RuntimeError) and str(e) == "CUDA out of memory" for e in errors), errors
+    assert len({id(e) for e in errors}) == 3, "one exception object was raised in several threads"
+    causes = {id(e.__cause__) for e in errors}
+    assert len(causes) == 1 and isinstance(errors[0].__cause__, RuntimeError), [e.__cause__ for e in errors]
+
+
+class CountedGraph:
+    """Stands in for GraphedForward on the CPU: counts captures and runs the model eagerly."""
+
+    captures: list[tuple] = []
+
+    def __init__(self, model, example):
+        self.shape, self.model = tuple(example.shape), model
+        CountedGraph.captures.append(self.shape)
+
+    def __call__(self, x):
+        return self.model(x)
+
+
+def _graphed_cpu_runtime(monkeypatch, graph_cls):
+    from vit_demo import runtime as runtime_module
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(5)).eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 4, 4))  # sizes the lazy layer; other widths are reshaped below
+    monkeypatch.setattr(runtime_module, "GraphedForward", graph_cls)
+    rt = Runtime(lambda x: model(x[..., :4, :4]), torch.device("cpu"), torch.float32)
+    rt.cuda_graphs = True  # as on a GPU
+    return rt, model
+
+
+def test_cuda_graphs_are_kept_per_shape_not_recaptured(monkeypatch):
+    CountedGraph.captures = []
+    rt, model = _graphed_cpu_runtime(monkeypatch, CountedGraph)
+    a, b = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 6)
+    for x in (a, b, a, b, a):
+        assert_close(rt(x), model(x[..., :4, :4]).detach(), 1e-6, "graphed vs eager")
+    assert CountedGraph.captures == [(1, 3, 4, 4), (1, 3, 4, 6)], CountedGraph.captures
+
+
+def test_a_failed_cuda_graph_capture_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    attempts = []
+
+    def failing_capture(model, example):
+        attempts.append(tuple(example.shape))
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    rt, model = _graphed_cpu_runtime(monkeypatch, failing_capture)
+    x = torch.randn(1, 3, 4, 4)
+    with caplog.at_level("WARNING", logger="vit_demo.runtime"):
+        first = rt(x)
+    assert_close(first, model(x).detach(), 1e-6, "eager after a failed capture")
+    assert any("CUDA graph capture failed" in r.getMessage() and "running eagerly" in r.getMessage() for r in caplog.records), caplog.text
+    assert_close(rt(x), first, 0, "the next call")
+    assert attempts == [(1, 3, 4, 4)], "the capture was tried again"

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -18,6 +19,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 16  # concurrent requests answered by one forward pass, at most
+MAX_GRAPHS = 4  # CUDA graphs kept per model, one per input shape (each holds its own activations)
 _CAPTURE_LOCK = threading.Lock()  # CUDA captures one graph at a time per process
 
 
@@ -114,17 +116,17 @@ class GraphedForward:
         stream = torch.cuda.current_stream(example.device)
         side = torch.cuda.Stream(example.device)
         side.wait_stream(stream)
-        with _CAPTURE_LOCK, torch.cuda.stream(side):  # one capture at a time, on a stream of its own
+        # One capture at a time, on a stream of its own. Leaving this `torch.cuda.stream` block puts the caller
+        # back on its stream even when the capture fails (torch.cuda.graph skips its own restore when ending the
+        # capture raises).
+        with _CAPTURE_LOCK, torch.cuda.stream(side):
             for _ in range(warmup):  # warm-up runs pick kernels and allocate workspaces outside the capture
                 model(self.static_x)
             side.synchronize()
             self.graph = torch.cuda.CUDAGraph()
-            try:
-                # thread_local: other threads (/explain, another model) may use the GPU during the capture.
-                with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
-                    self.static_y = model(self.static_x)
-            finally:
-                torch.cuda.set_stream(side)  # a failed capture would leave this thread on the capture stream
+            # thread_local: other threads (/explain, another model) may use the GPU during the capture.
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+                self.static_y = model(self.static_x)
         stream.wait_stream(side)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,9 +139,11 @@ class Batcher:
     """Lets concurrent callers share forward passes: dynamic batching without a timer.
 
     A caller whose input arrives while a forward pass is running waits; when it ends, one waiting caller runs
-    everything that queued up meanwhile (at most `max_batch` inputs) as one batch and hands each caller its
-    rows. A lone caller runs at once, so batching adds no latency when the server is idle. Inputs are
-    validated by each caller before they get here, so one bad image cannot fail somebody else's request.
+    the inputs that queued up meanwhile with the shape of the oldest one (at most `max_batch`) as one batch and
+    hands each caller its rows; inputs of other shapes (checkpoints without a fixed crop) wait for a pass of
+    their own shape. A lone caller runs at once, so batching adds no latency when the server is idle. Inputs
+    are validated by each caller before they get here, so one bad image cannot fail somebody else's request;
+    a pass that fails anyway gives each of its callers an exception of its own, chained to the original.
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int = MAX_BATCH):
@@ -162,13 +166,22 @@ class Batcher:
                 if request.done:
                     return request.result()
                 self._busy = True
-                batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+                batch = self._take_batch()
             try:
                 self._run(batch)
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def _take_batch(self) -> list[_Request]:
+        """The oldest waiting input and those of its shape, at most max_batch; the others keep their places."""
+        shape = self._waiting[0].x.shape
+        batch, rest = [], []
+        for r in self._waiting:
+            (batch if r.x.shape == shape and len(batch) < self.max_batch else rest).append(r)
+        self._waiting = rest
+        return batch
 
     def _run(self, batch: list[_Request]) -> None:
         self.batch_sizes = self.batch_sizes[-999:] + [len(batch)]
@@ -192,8 +205,17 @@ class _Request:
 
     def result(self) -> torch.Tensor:
         if self.error is not None:
-            raise self.error
+            raise _own_copy(self.error) from self.error
         return self.out
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A new exception of the same type and message, for one caller of a failed pass: every caller raises its
+    own, so tracebacks and `__context__` are not written by several threads into one object."""
+    try:
+        return copy.copy(error).with_traceback(None)
+    except Exception:  # noqa: BLE001 - an exception type that cannot be copied
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 class Runtime:
@@ -202,7 +224,9 @@ class Runtime:
 
     Args:
         model: the VisionTransformer, already on `device` in `dtype`, in eval mode.
-        cuda_graphs: capture batch 1 into a CUDA graph (on CUDA devices only); if capture fails, run eagerly.
+        cuda_graphs: replay batch 1 from CUDA graphs (on CUDA devices only), one per input shape for the first
+            MAX_GRAPHS shapes (checkpoints without a fixed crop see many; later ones run eagerly rather than
+            capture again); if a capture fails, run eagerly from then on.
         max_batch: the most concurrent callers one forward pass answers.
     """
 
@@ -211,7 +235,7 @@ class Runtime:
         self.model, self.device, self.dtype = model, device, dtype
         # Not on ZeroGPU Spaces, which lend the GPU per call: a graph captured in one call would not outlive it.
         self.cuda_graphs = cuda_graphs and device.type == "cuda" and not os.environ.get("SPACES_ZERO_GPU")
-        self._graph: GraphedForward | None = None
+        self._graphs: dict[tuple[int, ...], GraphedForward] = {}
         forward = weakref.WeakMethod(self._forward)  # no cycle: an evicted model's memory is freed at once
         self.batcher = Batcher(lambda x: forward()(x), max_batch)
 
@@ -229,10 +253,11 @@ class Runtime:
         return self.model(x).float().cpu()
 
     def _graph_for(self, x: torch.Tensor) -> GraphedForward | None:
-        if self._graph is None or self._graph.shape != tuple(x.shape):
+        shape = tuple(x.shape)
+        if shape not in self._graphs and len(self._graphs) < MAX_GRAPHS:
             try:
-                self._graph = GraphedForward(self.model, x)
+                self._graphs[shape] = GraphedForward(self.model, x)
             except RuntimeError as e:  # an unsupported GPU or driver: eager is slower but correct
                 log.warning("CUDA graph capture failed (%s); running eagerly.", e)
-                self.cuda_graphs, self._graph = False, None
-        return self._graph
+                self.cuda_graphs = False
+        return self._graphs.get(shape)
