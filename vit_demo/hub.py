@@ -84,12 +84,13 @@ def load_checkpoint(source: str | os.PathLike, revision: str | None = None) -> C
             f"{source}: {cfg.embed_dim} channels cannot be split into {cfg.num_heads} attention heads: "
             "check num_attention_heads in its config.json."
         )
-    return Checkpoint(sd, cfg, _preprocessing(source, fmt, config, meta, cfg), _labels(config, cfg.num_classes), fmt, str(source))
+    pp = _preprocessing(source, fmt, config, meta, cfg)
+    return Checkpoint(sd, cfg, pp, _labels(config, cfg.num_classes), fmt, str(source))
 
 
-def _preprocessing(source, fmt: str, config: dict, meta: dict[str, dict], cfg: ViTConfig) -> preprocess.PreprocessConfig:
+def _preprocessing(source, fmt: str, config: dict, meta: dict, cfg: ViTConfig) -> preprocess.PreprocessConfig:
     """The checkpoint's own preprocessing; ModelLoadError for settings vit_demo cannot follow."""
-    where = {"transformers": "preprocessor_config.json", "timm": "config.json's pretrained_cfg"}.get(fmt, "torchvision's recipe")
+    where = {"transformers": "preprocessor_config.json", "timm": "config.json's pretrained_cfg"}.get(fmt, "its recipe")
     try:
         if fmt == "transformers":
             pp = preprocess.from_transformers(meta.get("preprocessor_config.json") or {})
@@ -101,9 +102,14 @@ def _preprocessing(source, fmt: str, config: dict, meta: dict[str, dict], cfg: V
             pp.mode, pp.mean, pp.std = "L", pp.mean[:1], pp.std[:1]
         preprocess.check_channels(pp, cfg.in_chans)
     except preprocess.PreprocessError as e:
-        raise ModelLoadError(f"{source} asks for preprocessing vit_demo cannot follow ({where}: {e}): fix {where}, or use another checkpoint.") from e
+        raise ModelLoadError(
+            f"{source} asks for preprocessing vit_demo cannot follow ({where}: {e}): fix {where}, or use another checkpoint."
+        ) from e
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ModelLoadError(f"{source} has preprocessing settings vit_demo cannot read ({where}: {type(e).__name__} {e}): fix {where}, or use another checkpoint.") from e
+        raise ModelLoadError(
+            f"{source} has preprocessing settings vit_demo cannot read ({where}: {type(e).__name__} {e}): "
+            f"fix {where}, or use another checkpoint."
+        ) from e
     return pp
 
 
@@ -120,10 +126,18 @@ def locate(source: str | os.PathLike, revision: str | None = None) -> tuple[Path
         files = {p.name: p for p in path.iterdir() if p.is_file()}
         weights = _pick_weights(files, str(source))
         return files[weights], {n: _read_json(files[n]) for n in METADATA_FILES if n in files}
-    s = str(source)
-    if s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith((".safetensors",) + PICKLE_SUFFIXES):
-        raise ModelLoadError(f"No file or folder at {source}: check the path.")
+    if looks_local(str(source)):
+        raise ModelLoadError(f"No file or folder at {source}: check the path (Hub ids have the form org/name).")
     return _from_hub(str(source), revision)
+
+
+def looks_local(name: str) -> bool:
+    """Whether `name` reads as a path on this machine rather than a Hub id ("org/name"): it starts with . / ~ or
+    a backslash, has no "/" or several, holds ".." or a backslash, ends like a weights file, or exists here."""
+    return (
+        name.startswith((".", "/", "~")) or "\\" in name or ".." in name or name.count("/") != 1
+        or name.endswith((".safetensors",) + PICKLE_SUFFIXES) or Path(name).expanduser().exists()
+    )
 
 
 def _from_hub(repo_id: str, revision: str | None) -> tuple[Path, dict[str, dict]]:
@@ -141,7 +155,8 @@ def _from_hub(repo_id: str, revision: str | None) -> tuple[Path, dict[str, dict]
     with _hub_errors(repo_id, revision):
         info = HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT)
         files = {s.rfilename: None for s in info.siblings or []}
-        path = Path(hf_hub_download(repo_id, _pick_weights(files, repo_id), revision=revision))  # records refs/<revision>
+        # By revision, not commit, so that the cache records refs/<revision> and finds the repo offline later.
+        path = Path(hf_hub_download(repo_id, _pick_weights(files, repo_id), revision=revision))
         commit = path.parent.name  # snapshots/<commit>/<file>: the metadata comes from the same commit
         meta = {}
         for name in METADATA_FILES:
