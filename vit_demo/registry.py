@@ -13,7 +13,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .classifier import Classifier, load_classifier
-from .hub import ModelLoadError
+from .hub import ModelLoadError, looks_local
 
 BUNDLED = str(Path(__file__).resolve().parent / "weights" / "vit-fashion-mnist")
 BUNDLED_NAME = "vit-demo/vit-fashion-mnist (bundled, offline)"
@@ -57,7 +57,7 @@ class Registry:
         self.device = device
         self._loaded: OrderedDict[str, Classifier] = OrderedDict()
         self._lock = threading.Lock()
-        self._loading: dict[str, threading.Lock] = {}
+        self._loading: dict[str, _Pending] = {}  # models being loaded, with the callers that wait for them
 
     @classmethod
     def from_env(cls, **kwargs) -> "Registry":
@@ -71,37 +71,44 @@ class Registry:
         name = (name or "").strip() or self.default
         if name in self.choices:
             return name
-        if self.allow_any and not _looks_local(name):
+        if self.allow_any and not looks_local(name):
             return name
         raise ModelLoadError(f"'{name}' is not one of the models this app offers: pick one from the list.")
 
     def get(self, name: str | None = None) -> Classifier:
-        """The loaded Classifier for `name` (loading it if needed)."""
+        """The loaded Classifier for `name` (loading it if needed; one load per model at a time)."""
         name = self.check_allowed(name or self.default)
         with self._lock:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return self._loaded[name]
-            loading = self._loading.setdefault(name, threading.Lock())
-        with loading:  # one load per model at a time; others wait for it instead of loading again
-            with self._lock:
-                if name in self._loaded:
-                    return self._loaded[name]
-            try:
-                clf = load_classifier(BUNDLED if name == BUNDLED_NAME else name, device=self.device)
-            finally:
+            pending = self._loading.setdefault(name, _Pending())
+            pending.callers += 1
+        try:
+            with pending.lock:  # callers of one model wait for its load instead of loading again
                 with self._lock:
-                    self._loading.pop(name, None)
-            with self._lock:
-                self._loaded[name] = clf
-                while len(self._loaded) > self.capacity:
-                    self._loaded.popitem(last=False)
-            return clf
+                    if name in self._loaded:
+                        return self._loaded[name]
+                clf = load_classifier(BUNDLED if name == BUNDLED_NAME else name, device=self.device)
+                with self._lock:
+                    self._loaded[name] = clf
+                    while len(self._loaded) > self.capacity:
+                        self._loaded.popitem(last=False)
+                return clf
+        finally:
+            with self._lock:  # the last caller out removes the entry; after a failure, the next one in retries
+                pending.callers -= 1
+                if pending.callers == 0 and self._loading.get(name) is pending:
+                    del self._loading[name]
 
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._loaded)
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~", "\\")) or name.count("/") != 1 or ".." in name or Path(name).exists()
+class _Pending:
+    """A model being loaded: its load lock, and how many callers hold or wait for it (guarded by Registry._lock)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.callers = 0
