@@ -56,6 +56,7 @@ def test_not_cached_while_offline(offline_hub):
 def test_missing_local_path(tmp_path):
     assert "No file or folder" in _error(str(tmp_path / "nowhere" / "model"))
     assert "No file or folder" in _error("./missing.safetensors")
+    assert "No file or folder at vit-base-patch16-224: check the path (Hub ids have the form org/name)." in _error("vit-base-patch16-224")
 
 
 def test_folder_without_weights(tmp_path):
