@@ -7,7 +7,9 @@ import json
 import os
 import sys
 
-DEFAULT_MODEL = os.environ.get("VIT_DEMO_MODEL", "google/vit-base-patch16-224")
+from .registry import default_model
+
+DEFAULT_MODEL = default_model()
 
 EXAMPLES = """\
 examples:

@@ -30,6 +30,11 @@ CURATED = [
 ]
 
 
+def default_model() -> str:
+    """The model served and used by the CLI when none is named: VIT_DEMO_MODEL, else DEFAULT_MODEL."""
+    return os.environ.get("VIT_DEMO_MODEL", "").strip() or DEFAULT_MODEL
+
+
 def bundled_available() -> bool:
     return (Path(BUNDLED) / "config.json").exists()
 
@@ -62,7 +67,7 @@ class Registry:
     @classmethod
     def from_env(cls, **kwargs) -> "Registry":
         """VIT_DEMO_MODEL, VIT_DEMO_MODELS and VIT_DEMO_ALLOW_ANY_MODEL, with the curated list as fallback."""
-        default = os.environ.get("VIT_DEMO_MODEL", "").strip() or DEFAULT_MODEL
+        default = default_model()
         listed = [m.strip() for m in os.environ.get("VIT_DEMO_MODELS", "").split(",") if m.strip()]
         choices = listed or CURATED + ([BUNDLED_NAME] if bundled_available() else [])
         return cls(choices, default, allow_any=_env_flag("VIT_DEMO_ALLOW_ANY_MODEL"), **kwargs)
