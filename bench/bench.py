@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vit_demo.convert import TORCHVISION_RENAMES, _mapping, to_transformers  # noqa: E402
+from vit_demo.convert import to_torchvision, to_transformers  # noqa: E402
 from vit_demo.model import ViTConfig, VisionTransformer  # noqa: E402
 from vit_demo.runtime import GraphedForward, Runtime  # noqa: E402
 
@@ -46,8 +46,7 @@ def contenders(device: str, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     ours = VisionTransformer(ViTConfig())
     ours.load_state_dict(sd)
     tv = torchvision.models.vit_b_16(weights=None)
-    inverse = {new: old for old, new in _mapping(TORCHVISION_RENAMES, 12).items()}
-    tv.load_state_dict({inverse[k]: v for k, v in sd.items()})
+    tv.load_state_dict(to_torchvision(sd, ours.cfg))
     models = {"vit_demo": ours, "timm": ref, "torchvision": tv}
     # transformers reads the Hub's key names from a file (its modules are named differently in memory).
     with tempfile.TemporaryDirectory() as tmp:
@@ -263,16 +262,14 @@ def _concurrent(url: str, api_name: str, photos: list[list[Path]]) -> float:
 
 
 def bench_web(requests: int, workdir: Path, clients: int = 16, per_client: int = 2) -> dict:
-    """Launches app.py on a ViT-B/16 checkpoint laid out in a Hugging Face cache and calls it like a user."""
+    """Launches app.py on a ViT-B/16 checkpoint saved by timm in a local folder and calls it like a user."""
+    import timm
     from gradio_client import handle_file
+    from timm.models import save_for_hf
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import lay_out_hub_cache, make_timm
-
-    ckpt = make_timm(workdir / "ckpt", "vit_base_patch16_224")
-    hf_home = workdir / "hf_home"
-    lay_out_hub_cache(hf_home, "timm/vit_base_patch16_224.bench", ckpt.path)
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "VIT_DEMO_MODEL": "timm/vit_base_patch16_224.bench",
+    ckpt = workdir / "vit_base_patch16_224"
+    save_for_hf(timm.create_model("vit_base_patch16_224", pretrained=False), str(ckpt), safe_serialization=True)
+    env = {**os.environ, "HF_HOME": str(workdir / "hf_home"), "HF_HUB_OFFLINE": "1", "VIT_DEMO_MODEL": str(ckpt),
            "GRADIO_TEMP_DIR": str(workdir / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}
     # Each /classify gets a new upload; the /explain that follows is "an image just classified": it reuses the
     # crop, and runs the attention path once; the second /explain reuses the attention maps.

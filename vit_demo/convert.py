@@ -180,6 +180,13 @@ def to_transformers(sd: StateDict, cfg: ViTConfig) -> StateDict:
     return _rename(sd, inverse)
 
 
+def to_torchvision(sd: StateDict, cfg: ViTConfig) -> StateDict:
+    """Our state dict -> torchvision VisionTransformer keys (the inverse of from_torchvision)."""
+    if cfg.distilled or cfg.global_pool != "token":
+        raise ConversionError("Only token-pooled, non-distilled models have a torchvision VisionTransformer form.")
+    return _rename(sd, {ours: theirs for theirs, ours in _mapping(TORCHVISION_RENAMES, cfg.depth).items()})
+
+
 def from_timm(sd: StateDict, timm_config: dict | None = None) -> tuple[StateDict, ViTConfig]:
     """A timm vision_transformer / deit checkpoint -> (state dict, config). Names already match.
 
