@@ -350,6 +350,36 @@ def test_leaving_the_page_ends_the_stream(pw, app):
     assert len(app["frames"]) == answered
 
 
+def test_a_stream_past_its_time_limit_is_rejoined_at_once(pw, tmp_path, monkeypatch):
+    """Every LIVE_SECONDS a stream goes back to the queue (so that waiting visitors get a turn) and the page rejoins
+    it by itself: the visitor sees no gap."""
+    from vit_demo.registry import BUNDLED_NAME, Registry
+    from vit_demo.ui import live
+
+    monkeypatch.setattr(live, "LIVE_SECONDS", 3)
+    y4m = tmp_path / "grey.y4m"
+    _y4m([np.full((240, 320, 3), 100, np.uint8)] * 2, y4m)
+    with launched(Registry([BUNDLED_NAME], default=BUNDLED_NAME, device="cpu"), tmp_path) as (demo, url):
+        clf = demo.registry.get(BUNDLED_NAME)
+        answered: list[float] = []
+        predict = clf.predict
+        monkeypatch.setattr(clf, "predict", lambda image, k=5, **kw: answered.append(time.monotonic()) or predict(image, k, **kw))
+        stream = Stream(pw, {"url": url, "frames": []}, y4m)
+        try:
+            pressed = stream.start()
+            stream.page.wait_for_timeout(8000)
+            joins = stream.page.evaluate("() => performance.getEntriesByType('resource')"
+                                         ".filter(e => e.name.includes('/queue/join')).length")
+        finally:
+            stream.close()
+    times = [t for t in answered if t >= pressed]
+    gaps = np.diff(times)
+    print(f"{joins} joins in 8 s, {len(times)} frames answered, longest gap {gaps.max():.2f} s")
+    assert joins >= 2, "the stream was not handed back to the queue at its time limit"
+    assert times[-1] - pressed > 6, "the stream ended at its time limit"
+    assert gaps.max() < 2, "the stream stopped for a while at its time limit"
+
+
 def test_live_frames_fit_the_request_limit(app):
     """A 640x480 webcam frame, as the page posts it (twice: value and event data), passes the 1 MB request limit of
     server.py on the stream route; a larger body is refused there before Gradio reads it."""
