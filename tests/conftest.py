@@ -112,12 +112,23 @@ def make_torchvision(out: Path, size: str = "small", arch: str = "vit_b_16", suf
 LABELS = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape"]
 
 
-def make_fruit_checkpoint(out: Path) -> Path:
+def make_fruit_reference(out: Path) -> Reference:
     """A small transformers ViT (224 px, 32 px patches) with 7 named classes, as the app tests serve it."""
     return make_transformers(
         out, "small", image_size=224, patch_size=32, num_labels=7,
         id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
-    ).path
+    )
+
+
+def make_fruit_checkpoint(out: Path) -> Path:
+    """make_fruit_reference's folder."""
+    return make_fruit_reference(out).path
+
+
+def confidences(result) -> list[tuple[str, float]]:
+    """A gr.Label's value, as gradio_client returns it -> [(label, confidence), ...], best first."""
+    assert isinstance(result, dict) and "confidences" in result, result
+    return [(c["label"], c["confidence"]) for c in result["confidences"]]
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, LABELS, launched, make_fruit_checkpoint, make_transformers
+from conftest import EXAMPLES, LABELS, confidences, launched, make_fruit_checkpoint, make_transformers
 from vit_demo import ModelLoadError, load_classifier
 from vit_demo.registry import BUNDLED_NAME, CURATED, DEFAULT_MODEL, Registry, bundled_available
 
@@ -49,11 +49,6 @@ def fetch_image(result) -> Image.Image:
     image = Image.open(io.BytesIO(response.content))
     image.load()
     return image
-
-
-def confidences(result) -> list[tuple[str, float]]:
-    assert isinstance(result, dict) and "confidences" in result, result
-    return [(c["label"], c["confidence"]) for c in result["confidences"]]
 
 
 # --- /classify ------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 import tempfile
 from pathlib import Path
 from urllib.parse import urljoin
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, ROOT, make_transformers
+from conftest import EXAMPLES, ROOT, free_port, make_transformers
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -30,12 +29,6 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHELSEA = EXAMPLES / "chelsea.jpg"
 WAIT_MS = 60_000  # the machine may be busy with other work: wait generously, never sleep
 NUM_CLASSES = 10
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shot(page, name: str) -> None:
@@ -77,7 +70,7 @@ def app(tmp_path_factory):
         return predict(image, k=k, **kwargs)
 
     mp.setattr(clf, "predict", recording_predict)
-    port = _free_port()
+    port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **LAUNCH_KWARGS)
     try:
         yield dict(url=f"http://127.0.0.1:{port}/", path=path, received=received, tmp=tmp, clf=clf)
