@@ -6,14 +6,17 @@ test's own, and the client does not download results (download_files=False): ima
 """
 
 import io
+import json
+import logging
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, LABELS, confidences, launched, make_fruit_checkpoint, make_transformers
+from conftest import EXAMPLES, LABELS, confidences, launched, lay_out_hub_cache, make_fruit_checkpoint, make_transformers
 from vit_demo import ModelLoadError, load_classifier
 from vit_demo.registry import BUNDLED_NAME, CURATED, DEFAULT_MODEL, Registry, bundled_available
 
@@ -39,6 +42,13 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_classifier(served):
     return load_classifier(served[1], device="cpu")
+
+
+def block(demo, elem_id: str):
+    """The one component of `demo` with this elem_id."""
+    found = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id]
+    assert len(found) == 1, f"{len(found)} components with id {elem_id!r}"
+    return found[0]
 
 
 def fetch_image(result) -> Image.Image:
@@ -139,12 +149,15 @@ def test_view_api_lists_the_two_endpoints_with_defaults(served):
         for p in ps[1:]:
             assert p["parameter_has_default"] is True, (name, p["parameter_name"])
     defaults = {p["parameter_name"]: p["parameter_default"] for p in params["/explain"]}
-    assert defaults["method"] == "rollout" and defaults["model"] == str(path)
+    assert defaults["method"] == "rollout" and defaults["model"] == path.name  # a display name, not the server path
     assert {p["parameter_name"]: p["parameter_default"] for p in params["/classify"]}["top_k"] == 5
     assert [r["component"] for r in named["/classify"]["returns"]] == ["Label"]
-    assert [r["component"] for r in named["/explain"]["returns"]] == ["Image"]
-    # The internal events are not public.
-    assert not set(named) & {"/show_info", "/show_crop", "/select_model", "/explain_on_method"}
+    assert [r["component"].lower() for r in named["/explain"]["returns"]] in (["image"], ["resultimage"])
+    assert [r["python_type"]["type"] for r in named["/explain"]["returns"]] == ["filepath"]
+    # The page's own events are not public.
+    assert not set(named) & {"/show_answer", "/show_extras", "/select_model", "/explain_live", "/new_photo",
+                             "/check_photo", "/answer_photo", "/explain_photo", "/answer_top_k", "/open_tab"}
+    assert str(path) not in json.dumps(api)
 
 
 # --- refusals -------------------------------------------------------------------------------------------------
@@ -312,3 +325,148 @@ def test_offline_start_falls_back_to_a_bundled_model(offline_hub, tmp_path, monk
     assert demo.registry.loaded() == [BUNDLED_NAME]
     dropdown = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model")
     assert dropdown.value == BUNDLED_NAME
+
+
+def test_offline_the_page_offers_only_models_that_can_load(offline_hub, tmp_path, monkeypatch, small_models):
+    """Offline, a Hub model that is not in the cache is not offered; a cached one and a local folder are."""
+    from vit_demo.ui import build_demo
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    lay_out_hub_cache(offline_hub, "org/cached-vit", Path(small_models[1]))
+    reg = Registry([small_models[0], "org/cached-vit", "nobody/not-cached"], default=small_models[0], device="cpu")
+    demo = build_demo(reg)
+    dropdown = block(demo, "model")
+    assert [value for _, value in dropdown.choices] == ["m1", "org/cached-vit"]
+    assert "1 model not downloaded here is not offered" in dropdown.info
+    assert demo.registry.get("org/cached-vit").config.depth == 2  # what is offered loads
+
+
+def test_offline_start_shows_what_the_bundled_model_knows(offline_hub, tmp_path, monkeypatch):
+    """While the bundled model serves, a box says it knows only clothing, and its examples come first."""
+    from vit_demo.ui import build_demo
+
+    if not bundled_available():
+        pytest.skip("vit_demo/weights holds no bundled model")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo = build_demo(Registry(["nobody/not-cached"], default="nobody/not-cached", device="cpu"))
+    note = block(demo, "fallback-note")
+    assert note.visible and "knows only 10 kinds of clothing" in note.value
+    for kind in ("T-shirt/top", "Trouser", "Bag", "Ankle boot"):
+        assert kind in note.value
+    dataset = block(demo, "examples")
+    first = [Path(str(sample[0])).name for sample in dataset.samples[:5]]
+    assert all(name.startswith("fashion-mnist") for name in first), first
+    info = block(demo, "model-info").value
+    assert "6 layers, 4 heads, 28×28 px input in 4×4 patches, 10 classes" in info and "bundled" in info
+
+
+def test_the_model_facts_show_from_the_start_and_no_server_path(served):
+    """Layers, heads, input, classes, parameters (counted by transformers itself), precision and source."""
+    from transformers import ViTForImageClassification
+
+    _, path, demo = served
+    info = block(demo, "model-info").value
+    n = sum(p.numel() for p in ViTForImageClassification.from_pretrained(path).parameters())
+    assert info.startswith(f"**{path.name}**: 2 layers, 4 heads, 224×224 px input in 32×32 patches, 7 classes, "
+                           f"{n / 1e3:.0f} k parameters, "), info
+    assert "Weights: a local folder, transformers format." in info
+    assert [value for _, value in block(demo, "model").choices] == [path.name]
+    assert str(path) not in json.dumps(demo.get_config_file(), default=str)
+
+
+def test_a_model_named_by_its_display_name_or_registry_name_answers(served):
+    from gradio_client import handle_file
+
+    client, path, _ = served
+    for name in (path.name, str(path)):
+        assert len(confidences(client.predict(image=handle_file(CHELSEA), top_k=2, model=name, api_name="/classify"))) == 2
+
+
+def test_a_refusal_is_one_log_line_without_traceback(served, tmp_path, caplog, capfd):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    client, _, _ = served
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("this is text, not a JPEG\n" * 20)
+    capfd.readouterr()
+    caplog.set_level(logging.INFO, logger="vit_demo")
+    caplog.clear()
+    with pytest.raises(AppError):
+        client.predict(image=handle_file(str(fake)), api_name="/classify")
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused:")]
+    assert refused == ["refused: This file could not be read as an image: upload a JPEG, PNG, WebP, BMP, GIF or TIFF photo."]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_start_says_in_the_log_which_model_serves_and_why(offline_hub, tmp_path, monkeypatch, small_models, caplog):
+    from vit_demo import registry as registry_mod
+    from vit_demo.ui import build_demo
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    caplog.set_level(logging.INFO, logger="vit_demo")
+    build_demo(Registry([small_models[0]], default=small_models[0], device="cpu"))
+    assert f"Serving {small_models[0]}." in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(registry_mod, "BUNDLED", small_models[0])
+    build_demo(Registry(["nobody/not-cached"], default="nobody/not-cached", device="cpu"))
+    lines = [r for r in caplog.records if "could not be loaded" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    message = lines[0].getMessage()
+    assert "nobody/not-cached" in message and "HF_HUB_OFFLINE" in message and "bundled" in message
+
+
+# --- how the page draws and writes its answers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p, text", [
+    (0.5, "50.0%"), (0.0123, "1.2%"), (0.0021, "0.21%"), (0.00991, "0.99%"), (0.000034, "0.0034%"),
+    (2e-6, "0.00020%"), (1e-7, "<0.0001%"), (0.0, "0%"), (1.0, "100.0%"), (0.99999, ">99.9%"),
+])
+def test_percent_shows_small_probabilities_as_non_zero(p, text):
+    from vit_demo.ui.classify import percent
+
+    assert percent(p) == text
+
+
+def test_answer_table_lists_every_row_and_escapes_names():
+    from vit_demo.ui.classify import table
+
+    html = table([("<b>cat</b>", 0.6), ("dog & co", 0.002)])
+    assert "<b>cat</b>" not in html and "&lt;b&gt;cat&lt;/b&gt;" in html and "dog &amp; co" in html
+    assert html.count("<tr>") == 2 and ">60.0%<" in html and ">0.20%<" in html
+    assert table([]) == ""
+
+
+@pytest.mark.parametrize("n, columns", [(1, 1), (3, 3), (4, 2), (6, 3), (8, 4), (12, 4), (16, 4), (7, 7)])
+def test_head_grid_is_laid_out_with_no_blank_tile(n, columns):
+    from vit_demo.ui.figures import GAP, grid_columns, numbered_sheet
+
+    assert grid_columns(n) == columns
+    rows = n // columns
+    assert columns * rows == n and columns >= rows
+    w, h = 60, 30
+    sheet = numbered_sheet([Image.new("RGB", (w, h), (0, 128, 0))] * n)
+    assert sheet.size == (columns * w + (columns - 1) * GAP, rows * h + (rows - 1) * GAP)
+    # Every tile is drawn (green), with its number in a dark box in its top-left corner.
+    pixels = np.asarray(sheet)
+    for i in range(n):
+        x, y = (i % columns) * (w + GAP), (i // columns) * (h + GAP)
+        assert tuple(pixels[y + h - 1, x + w - 1]) == (0, 128, 0)
+        assert tuple(pixels[y + 1, x + 1]) == (20, 20, 20)
+
+
+def test_heads_share_one_colour_scale():
+    """A nearly flat head is drawn in the colour of its value on the scale all heads share, not stretched to hot."""
+    import torch
+
+    from vit_demo.explain import colorize
+    from vit_demo.ui import figures
+
+    crop = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    peaked = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
+    flat = torch.full((2, 2), 0.25)
+    sheet, low, high = figures.draw(crop, torch.stack([peaked, flat]), alpha=1.0)
+    assert (low, high) == (0.0, 1.0)
+    second = np.asarray(sheet)[:, 64 + figures.GAP:]  # the flat head's tile
+    assert np.abs(second[-1, -1].astype(int) - colorize(np.array(0.25)).astype(int)).max() <= 1

@@ -1,8 +1,11 @@
 """The page in a real browser: headless Chromium (Playwright) against the app launched in this process.
 
-One app (a small random-weight transformers ViT, 224 px, 32 px patches) serves every test in this module.
-Screenshots of each step go to test-artifacts/ (git-ignored). Chromium must be at /usr/bin/chromium
-(`apt-get install chromium`; CI installs it): without it these tests fail, they do not skip.
+One app serves every test in this module, offline (HF_HUB_OFFLINE): a small random-weight transformers ViT
+(224 px, 32 px patches, 4 heads, 1000 classes, so that every probability is below 1%) in a local folder, a
+listed local folder whose weights are damaged (a model choice that fails), and a Hub id that is not cached
+(not offered offline). Each test runs at a desktop size (1280x900) and a phone size (390x844). Screenshots of
+each step go to test-artifacts/ (git-ignored). Chromium must be at /usr/bin/chromium (`apt-get install
+chromium`; CI installs it): without it these tests fail, they do not skip.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from urllib.parse import urljoin
@@ -27,13 +31,17 @@ FLAGS = [
 ]
 ARTIFACTS = ROOT / "test-artifacts"
 CHELSEA = EXAMPLES / "chelsea.jpg"
+COFFEE = EXAMPLES / "coffee.jpg"
 WAIT_MS = 60_000  # the machine may be busy with other work: wait generously, never sleep
-NUM_CLASSES = 10
+NUM_CLASSES = 1000
+SIZES = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
+MODEL_NAME = "tiny-vit"  # the served model's folder: what visitors see instead of its server path
+BROKEN_NAME = "damaged-vit"
 
 
-def _shot(page, name: str) -> None:
+def _shot(page, name: str, full_page: bool = True) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=full_page)
 
 
 # ---------------------------------------------------------------- the app and the browser
@@ -42,6 +50,8 @@ def _shot(page, name: str) -> None:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """The real page, launched in this process on a free port; records every image `predict` receives."""
+    from huggingface_hub import constants
+
     tmp = tmp_path_factory.mktemp("browser")
     mp = pytest.MonkeyPatch()
     (tmp / "gradio").mkdir()
@@ -51,15 +61,22 @@ def app(tmp_path_factory):
     mp.setenv("TMPDIR", str(tmp / "tmp"))
     mp.setattr(tempfile, "tempdir", str(tmp / "tmp"))
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_HOME", str(tmp / "hf_home"))
+    mp.setattr(constants, "HF_HUB_OFFLINE", True)
+    mp.setattr(constants, "HF_HUB_CACHE", str(tmp / "hf_home" / "hub"))
 
-    ref = make_transformers(tmp / "model", "small", image_size=224, patch_size=32,
+    ref = make_transformers(tmp / "models" / MODEL_NAME, "small", image_size=224, patch_size=32, num_labels=NUM_CLASSES,
                             id2label={i: f"class {i}" for i in range(NUM_CLASSES)})
     path = str(ref.path)
+    broken = tmp / "models" / BROKEN_NAME
+    shutil.copytree(path, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
 
     from vit_demo.registry import Registry
     from vit_demo.ui import LAUNCH_KWARGS, build_demo
 
-    demo = build_demo(Registry([path], default=path, device="cpu"))
+    demo = build_demo(Registry([path, str(broken), "nobody/not-cached"], default=path, device="cpu"))
     clf = demo.registry.get(path)
     received: list[Image.Image] = []
     predict = clf.predict
@@ -73,18 +90,18 @@ def app(tmp_path_factory):
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **LAUNCH_KWARGS)
     try:
-        yield dict(url=f"http://127.0.0.1:{port}/", path=path, received=received, tmp=tmp, clf=clf)
+        yield dict(url=f"http://127.0.0.1:{port}/", path=path, received=received, tmp=tmp, clf=clf, demo=demo)
     finally:
         demo.close()
         mp.undo()
 
 
 @pytest.fixture(scope="module")
-def expected_top(app):
-    """What the library itself says about chelsea.jpg: the page must show the same."""
+def library(app):
+    """The served checkpoint loaded by the Python API on its own: what the page must show."""
     from vit_demo import load_classifier
 
-    return load_classifier(app["path"], device="cpu").predict(Image.open(CHELSEA), k=1)[0][0]
+    return load_classifier(app["path"], device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -105,18 +122,21 @@ def browser(pw):
     b.close()
 
 
-def _open(browser, url, **context_kwargs):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000}, **context_kwargs)
+def _open(browser, url, size: str = "desktop", **context_kwargs):
+    phone = size == "phone"
+    context = browser.new_context(viewport=SIZES[size], is_mobile=phone, has_touch=phone, **context_kwargs)
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     page.goto(url, wait_until="domcontentloaded")
-    page.locator("#classify-btn").wait_for(state="visible")
+    page.locator("#photo").wait_for(state="visible")
+    page.wait_for_function("() => window.gradio_config !== undefined")
     return context, page
 
 
-@pytest.fixture
-def page(browser, app):
-    context, page = _open(browser, app["url"])
+@pytest.fixture(params=list(SIZES))
+def page(request, browser, app):
+    context, page = _open(browser, app["url"], request.param)
+    page.size = request.param
     yield page
     context.close()
 
@@ -125,27 +145,48 @@ def page(browser, app):
 
 
 def _upload(page, path: Path) -> None:
-    """Puts a file into #photo through its file input and waits until the page shows it."""
-    photo = page.locator("#photo")
-    photo.locator('input[data-testid="file-upload"]').set_input_files(str(path))
-    # Once uploaded, the page shows it from the server: <img src=".../gradio_api/file=<upload dir>/<name>">.
-    photo.locator(f'.image-frame img[src$="/{path.name}"]').wait_for(state="attached")
+    """Puts a file into #photo through its file input."""
+    page.locator('#photo input[data-testid="file-upload"]').set_input_files(str(path))
 
 
-def _classify(page) -> None:
-    page.locator("#classify-btn").click()
+def _top_class(page):
+    return page.locator("#label .top-class")
 
 
-def _top_label(page):
-    return page.locator('#label [data-testid="label-output-value"]')
+def _rows(page) -> list[tuple[str, str]]:
+    """The answer table: (class, percentage) per row."""
+    cells = page.locator("#label table.probs tr").evaluate_all(
+        "rows => rows.map(r => [r.querySelector('.name').innerText, r.querySelector('.pct').innerText])")
+    return [tuple(c) for c in cells]
 
 
-def _expect_answered(page) -> str:
+def _expected_rows(library, path: Path, k: int = 5) -> list[tuple[str, str]]:
+    from vit_demo.ui.classify import percent
+
+    return [(label, percent(p)) for label, p in library.predict(Image.open(path), k=k)]
+
+
+def _expect_answer(page, library, path: Path) -> None:
+    """Waits until the page shows the library's top-5 for `path`, row by row."""
     from playwright.sync_api import expect
 
-    answered = page.locator("#answered")
-    expect(answered).to_contain_text(re.compile(r"answered in \d+ ms on \w+( in \w+)?\."), timeout=WAIT_MS)
-    return answered.inner_text()
+    rows = _expected_rows(library, path)
+    expect(_top_class(page)).to_have_text(rows[0][0], timeout=WAIT_MS)
+    expect(page.locator("#label td.pct")).to_have_text([pct for _, pct in rows], timeout=WAIT_MS)
+    assert _rows(page) == rows
+    expect(page.locator("#answered")).to_have_text(
+        re.compile(rf"^\s*{MODEL_NAME} answered in \d+ ms on \w+( in \w+)?\.\s*$"), timeout=WAIT_MS)
+
+
+def _open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).filter(visible=True).first.click()
+
+
+def _wait_for_images(page, *selectors: str) -> None:
+    page.wait_for_function(
+        "sels => sels.every(s => { const i = document.querySelector(s); return i && i.complete && i.naturalWidth > 0; })",
+        arg=list(selectors), timeout=WAIT_MS,
+    )
 
 
 def _fetch_image(page, img) -> Image.Image:
@@ -162,45 +203,130 @@ def _fetch_image(page, img) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
+def _box(page, selector: str) -> dict:
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None, f"{selector} is not on the page"
+    return box
+
+
 # ---------------------------------------------------------------- tests
 
 
-def test_upload_and_classify(page, app, expected_top):
-    from playwright.sync_api import expect
-
+def test_an_upload_is_answered_without_a_click_and_a_second_replaces_it(page, app, library):
     app["received"].clear()
     _upload(page, CHELSEA)
-    _classify(page)
-    expect(_top_label(page)).to_have_text(expected_top, timeout=WAIT_MS)
-    assert app["path"] in _expect_answered(page)
-    _shot(page, "classify.png")
+    _expect_answer(page, library, CHELSEA)
+    _shot(page, f"{page.size}-1-answer.png")
+    # Every probability of a 1000-class model is below 1%: each row still shows a non-zero value.
+    assert all(re.fullmatch(r"0\.\d*[1-9]\d*%", pct) for _, pct in _rows(page)), _rows(page)
 
-    assert len(app["received"]) == 1
-    got = np.asarray(app["received"][0].convert("RGB"))
-    want = np.asarray(Image.open(CHELSEA).convert("RGB"))
-    assert got.shape == want.shape and np.array_equal(got, want), "the server did not get the uploaded photo as it is"
+    _upload(page, COFFEE)
+    _expect_answer(page, library, COFFEE)
+    assert _rows(page) != _expected_rows(library, CHELSEA)
+    _shot(page, f"{page.size}-2-second-answer.png")
+
+    assert len(app["received"]) == 2, f"the server classified {len(app['received'])} photos"
+    for got, path in zip(app["received"], (CHELSEA, COFFEE)):
+        want = np.asarray(Image.open(path).convert("RGB"))
+        assert np.array_equal(np.asarray(got.convert("RGB")), want), f"the server did not get {path.name} as it is"
 
 
-def test_attention_tab_explains(page, app):
+def test_on_a_phone_the_answer_is_on_the_first_screen_under_the_photo(browser, app, library):
+    context, page = _open(browser, app["url"], "phone")
+    try:
+        _upload(page, CHELSEA)
+        _expect_answer(page, library, CHELSEA)
+        page.evaluate("() => window.scrollTo(0, 0)")
+        _shot(page, "phone-first-screen.png", full_page=False)
+        photo, top = _box(page, "#photo"), _box(page, "#label .top-class")
+        assert top["y"] >= photo["y"] + photo["height"], (photo, top)
+        assert top["y"] + top["height"] <= SIZES["phone"]["height"], f"the top class is below the fold: {top}"
+        # Nothing but the tab bar between the photo and the answer: the model choice and the examples come later.
+        for below in ("#model", "#examples"):
+            assert _box(page, below)["y"] > top["y"], below
+        # The model dropdown's text does not run under its arrow.
+        overlap = page.evaluate("""() => {
+            const input = document.querySelector('#model input');
+            const arrow = document.querySelector('#model .icon-wrap, #model svg');
+            const style = getComputedStyle(input);
+            const textEnd = input.getBoundingClientRect().right - parseFloat(style.paddingRight);
+            return [textEnd, arrow ? arrow.getBoundingClientRect().left : null, input.scrollWidth > input.clientWidth ? style.textOverflow : 'fits'];
+        }""")
+        assert overlap[1] is None or overlap[0] <= overlap[1] + 1, overlap
+    finally:
+        context.close()
+
+
+def test_an_unreadable_upload_removes_the_old_answer_and_says_why(page, app, library):
     from playwright.sync_api import expect
 
     _upload(page, CHELSEA)
-    page.get_by_role("tab", name="Attention").filter(visible=True).first.click()
-    explain = page.locator("#explain-btn")
-    expect(explain).to_be_visible()
-    explain.click()
-    overlay_img = page.locator("#overlay img").first
-    crop_img = page.locator("#crop img").first
-    overlay_img.wait_for(state="visible")
-    crop_img.wait_for(state="visible")
-    page.wait_for_function(
-        "() => ['#overlay img', '#crop img'].every(s => { const i = document.querySelector(s); return i && i.complete && i.naturalWidth > 0; })",
-        timeout=WAIT_MS,
-    )
-    _shot(page, "attention.png")
+    _expect_answer(page, library, CHELSEA)
+    bad = app["tmp"] / "not-a-photo.jpg"
+    bad.write_text("This is a text file with a .jpg name, not a JPEG.\n" * 20)
+    _upload(page, bad)
+    toast = page.locator('[data-testid="toast-body"]').filter(has_text="could not be read as an image")
+    expect(toast).to_be_visible(timeout=WAIT_MS)
+    expect(toast).to_contain_text("upload a JPEG, PNG")
+    expect(toast).to_have_css("opacity", "1")  # it fades in: wait before the screenshot
+    expect(_top_class(page)).to_have_count(0)
+    expect(page.locator("#answered")).to_have_text("")
+    expect(page.locator("#photo .image-frame img")).to_have_count(0)  # no broken image where the photo was
+    _shot(page, f"{page.size}-3-unreadable.png")
 
-    sizes = page.evaluate("() => ['#overlay img', '#crop img'].map(s => { const i = document.querySelector(s); return [i.naturalWidth, i.naturalHeight]; })")
-    assert sizes == [[224, 224], [224, 224]], sizes
+    _upload(page, COFFEE)
+    _expect_answer(page, library, COFFEE)
+
+
+def test_a_failed_model_choice_goes_back_to_the_serving_model(page, app, library):
+    from playwright.sync_api import expect
+
+    _upload(page, CHELSEA)
+    _expect_answer(page, library, CHELSEA)
+    page.locator("#model input").click()
+    options = page.get_by_role("option")
+    expect(options).to_have_count(2)
+    assert sorted(t.strip().lstrip("✓").strip() for t in options.all_inner_texts()) == sorted([MODEL_NAME, BROKEN_NAME])
+    expect(page.locator("#model")).to_contain_text("1 model not downloaded here is not offered")  # nobody/not-cached
+    page.get_by_role("option", name=BROKEN_NAME).click()
+
+    note = page.locator("#model-note")
+    expect(note).to_contain_text(f"{BROKEN_NAME} could not be loaded", timeout=WAIT_MS)
+    expect(note).to_contain_text("not a readable safetensors file")
+    expect(note).to_contain_text(f"Still serving {MODEL_NAME}")
+    expect(page.locator("#model input")).to_have_value(MODEL_NAME)
+    _shot(page, f"{page.size}-4-failed-model.png")
+    # The page goes on answering, with the model that was serving.
+    _upload(page, COFFEE)
+    _expect_answer(page, library, COFFEE)
+    expect(page.locator("#model-info")).to_contain_text(f"{MODEL_NAME}: 2 layers, 4 heads, 224×224 px input")
+
+
+def test_the_attention_tab_draws_without_a_click(page, app, library):
+    from playwright.sync_api import expect
+
+    _upload(page, CHELSEA)
+    _expect_answer(page, library, CHELSEA)
+    _open_tab(page, "Attention")
+    _wait_for_images(page, "#overlay img", "#crop img")
+    from vit_demo.ui.classify import percent
+
+    _, _, target, logits = library.maps(Image.open(CHELSEA), "rollout")
+    expect(page.locator("#map-class")).to_contain_text(
+        f"The model's answer: {library.labels[target]} ({percent(logits.float().softmax(-1)[target])})")
+    expect(page.locator("#colour-bar .ramp")).to_be_visible()
+    expect(page.locator("#method-note")).to_contain_text("Attention rollout:")
+    # Rollout shows its own controls only.
+    for shown, hidden in ((("#head-fusion", "#discard", "#alpha"), ("#layer", "#head")),):
+        for s in shown:
+            expect(page.locator(s)).to_be_visible()
+        for s in hidden:
+            expect(page.locator(s)).to_be_hidden()
+    # On a phone too, the map comes before the controls.
+    assert _box(page, "#overlay")["y"] < _box(page, "#method")["y"]
+    _shot(page, f"{page.size}-5-attention.png")
+
+    overlay_img, crop_img = page.locator("#overlay img").first, page.locator("#crop img").first
     overlay = _fetch_image(page, overlay_img).convert("RGB")
     crop = _fetch_image(page, crop_img).convert("RGB")
     assert overlay.size == (224, 224) and crop.size == (224, 224), (overlay.size, crop.size)
@@ -209,6 +335,37 @@ def test_attention_tab_explains(page, app):
     # The crop shown is exactly what the model's preprocessing makes of the photo (PNG: lossless).
     want = app["clf"].preprocessor.crop(Image.open(CHELSEA)).permute(1, 2, 0).numpy()
     assert np.array_equal(np.asarray(crop), want), "the crop on the page is not the crop the model saw"
+
+    # Every head of a layer: the layer control shows, the rollout ones do not; 4 heads give 2 x 2 numbered tiles.
+    old_src = overlay_img.get_attribute("src")
+    page.locator("#method label", has_text="All heads of one layer").click()
+    expect(page.locator("#layer")).to_be_visible()
+    expect(page.locator("#discard")).to_be_hidden()
+    expect(page.locator("#method-note")).to_contain_text("one panel per head")
+    expect(overlay_img).not_to_have_attribute("src", old_src, timeout=WAIT_MS)
+    _wait_for_images(page, "#overlay img")
+    assert _fetch_image(page, page.locator("#overlay img").first).size == (2 * 224 + 4, 2 * 224 + 4)
+    _shot(page, f"{page.size}-6-heads.png")
+
+    # A new photo while the tab is open: the old map goes, the new photo's comes without a click.
+    old_crop = page.locator("#crop img").first.get_attribute("src")
+    _upload(page, COFFEE)
+    want = app["clf"].preprocessor.crop(Image.open(COFFEE)).permute(1, 2, 0).numpy()
+    expect(page.locator("#crop img").first).not_to_have_attribute("src", old_crop, timeout=WAIT_MS)
+    expect(page.locator("#map-class")).to_contain_text(library.predict(Image.open(COFFEE), k=1)[0][0], timeout=WAIT_MS)
+    _wait_for_images(page, "#overlay img", "#crop img")
+    assert np.array_equal(np.asarray(_fetch_image(page, page.locator("#crop img").first).convert("RGB")), want)
+
+
+def test_no_server_path_reaches_the_page(page, app):
+    _upload(page, CHELSEA)
+    page.locator("#label .top-class").wait_for()
+    text = page.locator("body").inner_text()
+    assert str(app["tmp"]) not in text, "a server path is in the page text"
+    # The page's source names files in Gradio's upload cache (that is how Gradio serves them), but no model folder.
+    html = page.content()
+    assert str(app["tmp"] / "models") not in html, "a model's server path is in the page source"
+    assert MODEL_NAME in text
 
 
 def _rgb_to_y4m(rgb: np.ndarray, path: Path, frames: int = 5) -> None:
@@ -231,7 +388,9 @@ def _rgb_to_y4m(rgb: np.ndarray, path: Path, frames: int = 5) -> None:
                 f.write(p)
 
 
-def test_webcam_photo_is_not_mirrored(pw, app):
+def test_webcam_photo_is_answered_at_once_and_not_mirrored(pw, app):
+    from playwright.sync_api import expect
+
     source = np.asarray(Image.open(EXAMPLES / "astronaut.jpg").convert("RGB").resize((640, 480), Image.BICUBIC))
     y4m = app["tmp"] / "astronaut.y4m"
     _rgb_to_y4m(source, y4m)
@@ -255,9 +414,7 @@ def test_webcam_photo_is_not_mirrored(pw, app):
         )
         _shot(page, "webcam-live.png")
         photo.get_by_label("capture photo").click()
-        photo.locator('.image-frame img[src*="gradio_api/file="]').wait_for(state="visible")
-        _classify(page)
-        _expect_answered(page)
+        expect(page.locator("#answered")).to_contain_text("answered in", timeout=WAIT_MS)  # no click on a button
         _shot(page, "webcam.png")
         context.close()
     finally:
@@ -272,28 +429,3 @@ def test_webcam_photo_is_not_mirrored(pw, app):
     print(msg)
     assert to_source < 20, msg
     assert to_source * 2 + 10 < to_flip, msg
-
-
-def test_unreadable_file_shows_message_then_recovers(page, app, expected_top):
-    from playwright.sync_api import expect
-
-    bad = app["tmp"] / "not-a-photo.jpg"
-    bad.write_text("This is a text file with a .jpg name, not a JPEG.\n" * 20)
-    _upload(page, bad)
-    _classify(page)
-    # gr.Error shows as a toast; it fades in, so wait for it to be opaque before the screenshot.
-    toast = page.locator('[data-testid="toast-body"]').filter(has_text="could not be read as an image")
-    expect(toast).to_be_visible(timeout=WAIT_MS)
-    expect(toast).to_contain_text("upload a JPEG, PNG")
-    expect(toast).to_have_css("opacity", "1")
-    _shot(page, "bad-file.png")
-    expect(_top_label(page)).to_have_count(0)
-
-    # Back to a real photo: remove the bad one, upload chelsea.jpg, classify.
-    page.locator("#photo").get_by_label("Remove Image").click()
-    expect(page.locator("#photo .image-frame img")).to_have_count(0)
-    _upload(page, CHELSEA)
-    _classify(page)
-    expect(_top_label(page)).to_have_text(expected_top, timeout=WAIT_MS)
-    _expect_answered(page)
-    _shot(page, "bad-file-then-good.png")

@@ -12,8 +12,10 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+
 from .classifier import Classifier, load_classifier
-from .hub import ModelLoadError, looks_local
+from .hub import WEIGHT_FILES, ModelLoadError, looks_local
 
 BUNDLED = str(Path(__file__).resolve().parent / "weights" / "vit-fashion-mnist")
 BUNDLED_NAME = "vit-demo/vit-fashion-mnist (bundled, offline)"
@@ -105,6 +107,18 @@ class Registry:
                 pending.callers -= 1
                 if pending.callers == 0 and self._loading.get(name) is pending:
                     del self._loading[name]
+
+    def available(self, name: str) -> bool:
+        """Whether `name` can load without the Hub: the bundled model, an existing local folder or file, or a Hub
+        id whose weights are in the local Hugging Face cache."""
+        if name == BUNDLED_NAME:
+            return bundled_available()
+        if looks_local(name):
+            return Path(name).expanduser().exists()
+        try:
+            return any(isinstance(try_to_load_from_cache(name, f), str) for f in WEIGHT_FILES)
+        except ValueError:  # not a valid repo id (HFValidationError)
+            return False
 
     def loaded(self) -> list[str]:
         with self._lock:

@@ -143,8 +143,8 @@ def translate(error: Exception, inputs: list, got: int) -> gr.Error:
     from gradio.exceptions import InvalidPathError
     from pydantic import ValidationError
 
-    if isinstance(error, gr.Error):
-        return refusal(short(error.message, 300))
+    if isinstance(error, gr.Error):  # a refusal from an input component, logged where it was raised
+        return gr.Error(short(error.message, 300), print_exception=False)
     names = ", ".join(getattr(c, "label", None) or type(c).__name__ for c in inputs)
     if got < len(inputs):
         return refusal(

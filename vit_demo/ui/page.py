@@ -4,26 +4,68 @@
 public endpoints are `/classify` (image, top_k, model -> Label) and `/explain` (image, method, ... -> image),
 and every input after the image has a default, so `client.predict(image=handle_file(p), api_name="/classify")`
 works.
+
+The page answers on input. A new photo (upload, webcam, paste, example) first empties every result of the old
+one, then passes the guard (an unreadable file is refused and taken off the page), then each tab's photo
+handler runs (`Shared.on_photo`). A model choice is loaded first; if it fails, the dropdown goes back to the
+model that was serving and says why; if it loads, the tabs' model handlers run, then the photo handlers.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import gradio as gr
+from huggingface_hub import constants
+from huggingface_hub.errors import HfHubHTTPError, HTTPError
 from starlette.middleware import Middleware
 
 from ..hub import ModelLoadError
 from ..registry import BUNDLED_NAME, Registry, bundled_available
-from . import attention, checks, classify
-from .common import Shared
+from . import attention, checks, classify, inside, live
+from .common import Shared, display_names, facts, without_paths
 from .guard import EXAMPLES_DIR, PhotoInput
 from .server import RequestLimits, cache_lifespan, cache_seconds
 
+log = logging.getLogger("vit_demo.ui")
+
 MAX_FILE_SIZE = "20mb"
+HEADER = (
+    "# vit-demo: how a Vision Transformer sees\n"
+    "Give it a photo: the transformer cuts it into patches, attends between them and names what it sees. "
+    "**Classify** shows the top classes, **Attention** where it looked."
+)
+# On a phone the columns stack: the photo comes first, then the tabs (the answer, the map), then the model choice
+# and the examples. The left column's parts become items of the stacked row so that the tabs can sit between them.
 CSS = """
-#status:empty {display: none}
+#status:empty, #model-note:empty {display: none}
 #webcam-note {font-size: 0.85em; opacity: 0.8}
+#model input {text-overflow: ellipsis; overflow: hidden; white-space: nowrap; padding-right: 2.2em}
+#model-info {font-size: 0.85em}
+#fallback-note {border-left: 4px solid var(--color-accent); padding-left: 10px; background: var(--color-accent-soft)}
+#status {font-size: 0.9em}
+#label .answer {margin: 4px 0 8px}
+#label .top-class {font-size: 1.5em; font-weight: 700}
+#label .top-pct {font-size: 1.1em; opacity: 0.8; margin-left: 0.4em}
+#label table.probs {width: 100%; border-collapse: collapse; font-size: 0.92em; border: none; margin: 0}
+#label table.probs tr, #label table.probs td {padding: 2px 4px; border: none !important; background: none !important; vertical-align: middle}
+#label td.name {width: 45%; overflow-wrap: anywhere}
+#label td.bar {width: 40%}
+#label td.bar span {display: block; height: 0.7em; min-width: 1px; border-radius: 3px; background: var(--color-accent)}
+#label td.pct {width: 15%; text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap}
+#colour-bar .colour-bar {display: flex; align-items: center; gap: 8px; font-size: 0.85em}
+#colour-bar .ramp {flex: 1; height: 12px; border-radius: 3px}
+#colour-bar .scale-note {font-size: 0.8em; opacity: 0.75}
+@media (max-width: 768px) {
+  h1 {font-size: 1.35em !important; margin-bottom: 0.2em !important}
+  #intro p, #status {font-size: 0.85em}
+  #main-row {flex-direction: column}
+  #photo-col {display: contents}
+  #photo-col > * {order: 3}
+  #photo-col > #photo {order: 1}
+  #tabs-col {order: 2}
+}
 """
 # Browsers only allow the webcam on HTTPS pages or on localhost; say so when the page is neither.
 JS = """
@@ -34,6 +76,8 @@ JS = """
   }
 }
 """
+# The key of a photo value in the browser: its server path (uploads are named by their content), "" for none.
+PHOTO_KEY = "(photo) => photo ? String(photo.path || photo.url || '') : ''"
 LAUNCH_KWARGS = dict(css=CSS, js=JS, theme=gr.themes.Soft(), max_file_size=MAX_FILE_SIZE)
 
 
@@ -61,85 +105,170 @@ class Page(gr.Blocks):
             raise checks.translate(e, block_fn.inputs, len(inputs)) from e
 
 
-def start_registry(registry: Registry) -> tuple[Registry, str]:
-    """Loads the default model; when that fails, serves the bundled model and says why on the page."""
+def _unreachable(error: BaseException) -> bool:
+    """Whether a load failed because the Hub could not be reached at all (not a refusal that the Hub sent)."""
+    while error is not None:
+        if isinstance(error, (HTTPError, TimeoutError)) and not isinstance(error, HfHubHTTPError):
+            return True
+        error = error.__cause__
+    return False
+
+
+def start_registry(registry: Registry) -> tuple[Registry, str, bool]:
+    """Loads the default model; when that fails, serves the bundled model and says why.
+
+    Returns:
+        (the registry, a notice for the page ("" when the default loaded), whether the Hub is out of reach:
+        HF_HUB_OFFLINE is set, or it could not be reached for the default model).
+    """
+    offline = bool(constants.HF_HUB_OFFLINE)
     try:
         registry.get(registry.default)
-        return registry, ""
+        log.info("Serving %s.", registry.default)
+        return registry, "", offline
     except ModelLoadError as e:
         reason = str(e)
+        offline = offline or _unreachable(e)
+    failed = registry.default
     if bundled_available():
-        failed = registry.default
         registry.default = BUNDLED_NAME
         registry.choices = list(dict.fromkeys([BUNDLED_NAME] + registry.choices))
         try:
             registry.get(BUNDLED_NAME)
-            return registry, f"⚠️ {failed} could not be loaded. {reason} Serving the bundled offline model (Fashion-MNIST) instead."
+            log.warning("%s could not be loaded: %s Serving the bundled offline model instead.", failed, reason)
+            return registry, f"⚠️ **Serving the bundled offline model (Fashion-MNIST).** {failed} could not be loaded: {reason}", offline
         except ModelLoadError as e:
             reason += f" The bundled model failed too: {e}"
+    log.error("%s could not be loaded, and no model is served: %s", failed, reason)
     return registry, (
-        f"⚠️ {registry.default} could not be loaded. {reason} No offline model is bundled: set VIT_DEMO_MODEL to a local "
+        f"⚠️ {failed} could not be loaded. {reason} No offline model is bundled: set VIT_DEMO_MODEL to a local "
         "folder holding a ViT checkpoint (config.json and model.safetensors) and restart."
-    )
+    ), offline
 
 
 def build_demo(registry: Registry | None = None) -> gr.Blocks:
     """Builds the page. `registry` defaults to the models named by the environment (see registry.py)."""
-    registry, notice = start_registry(registry or Registry.from_env())
+    registry, notice, offline = start_registry(registry or Registry.from_env())
     try:
-        cfg = registry.get(registry.default).config
-        depth, heads = cfg.depth, cfg.num_heads
+        serving = registry.get(registry.default)
+        depth, heads = serving.config.depth, serving.config.num_heads
     except ModelLoadError:  # nothing could be loaded: the page says why
-        depth, heads = 12, 12
+        serving, depth, heads = None, 12, 12
+    names = display_names(registry.choices)
     lifetime = cache_seconds()
     with Page(title="vit-demo: Vision Transformer", delete_cache=(max(1, min(60, lifetime // 4)), lifetime)) as demo:
-        gr.Markdown(
-            "# vit-demo: see how a Vision Transformer sees\n"
-            "Give it a photo: it is cut into patches, the transformer attends between them, and the class token's "
-            "final state is classified. **Classify** shows the top classes; **Attention** shows where it looked."
-        )
-        gr.Markdown(notice, elem_id="status")
-        with gr.Row():
-            with gr.Column(scale=1):
-                photo, model, model_info = _photo_and_model(registry)
-            shared = Shared(registry, photo, model)
-            with gr.Column(scale=1):
-                with gr.Tabs():
+        gr.Markdown(HEADER, elem_id="intro")
+        gr.Markdown(without_paths(notice, names), elem_id="status")
+        with gr.Row(elem_id="main-row"):
+            with gr.Column(scale=1, elem_id="photo-col"):
+                photo = PhotoInput(
+                    label="Photo", type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
+                    webcam_options=gr.WebcamOptions(mirror=False), elem_id="photo", height=320,
+                )
+                gr.Markdown("Webcam photos are used as the camera sees them (not mirrored).", elem_id="webcam-note")
+                model = _model_dropdown(registry, names, offline)
+                shown = names[registry.default]
+                model_info = gr.Markdown(facts(shown, registry.default, serving) if serving else "", elem_id="model-info")
+                model_note = gr.Markdown(elem_id="model-note")
+                _examples(photo, bundled_first=registry.default == BUNDLED_NAME)
+            shared = Shared(registry, photo, model, gr.State("Classify"))
+            with gr.Column(scale=1, elem_id="tabs-col"):
+                with gr.Tabs(elem_id="tabs") as tabs:
                     with gr.Tab("Classify", id="classify"):
                         classify.build(shared)
-                    with gr.Tab("Attention", id="attention"):
-                        controls = attention.build(shared, depth, heads)
-        # Reading the upload at once tells the visitor about an unreadable file before they press a button.
-        photo.upload(lambda im: None, photo, None, api_name="check_upload", api_visibility="private", show_progress="hidden")
-
-        def on_model_change(name, progress=gr.Progress()):
-            progress(0, desc=f"Loading {checks.short(name)} (the first time, it is downloaded from the Hugging Face Hub)")
-            c = shared.classifier(name).config
-            return (
-                gr.Slider(maximum=c.depth, value=c.depth),
-                gr.Dropdown(choices=["mean"] + [str(h + 1) for h in range(c.num_heads)], value="mean"),
-                f"Loaded **{shared.display_name(name)}**: {c.depth} layers, {c.num_heads} heads, {c.img_size}px input.",
-            )
-
-        model.change(on_model_change, model, [controls["layer"], controls["head"], model_info], api_name="select_model",
-                     api_visibility="private")
+                    with gr.Tab("Attention", id="attention") as attention_tab:
+                        attention.build(shared, depth, heads, attention_tab)
+                    with gr.Tab("Inside", id="inside") as inside_tab:
+                        inside.build(shared, inside_tab)
+                    with gr.Tab("Live", id="live"):
+                        live.build(shared)
+        _wire(shared, tabs, model_info, model_note)
     demo.queue(max_size=64, default_concurrency_limit=4)
     demo.registry = registry
     return demo
 
 
-def _photo_and_model(registry: Registry):
-    photo = PhotoInput(
-        label="Photo", type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
-        webcam_options=gr.WebcamOptions(mirror=False), elem_id="photo", height=360,
-    )
-    gr.Markdown("Webcam photos are used as the camera sees them (not mirrored).", elem_id="webcam-note")
-    model = checks.Dropdown(
-        choices=registry.choices, value=registry.default, label="Model", elem_id="model",
+def _model_dropdown(registry: Registry, names: dict[str, str], offline: bool) -> gr.Dropdown:
+    """The model choice, by display names; offline, the models that could not load are left out (and counted)."""
+    offered = [c for c in registry.choices if c == registry.default or not offline or registry.available(c)]
+    left_out = len(registry.choices) - len(offered)
+    info = "Any Hub id of a ViT may be typed in." if registry.allow_any and not offline else None
+    if left_out:
+        info = (f"The Hugging Face Hub is out of reach: {left_out} model{'s' if left_out > 1 else ''} not downloaded "
+                "here are not offered." if left_out > 1 else
+                "The Hugging Face Hub is out of reach: 1 model not downloaded here is not offered.")
+    return checks.Dropdown(
+        choices=[names[c] for c in offered], value=names[registry.default], label="Model", elem_id="model",
         allow_custom_value=True,  # Registry.check_allowed refuses what is not on offer, in its own words
-        info="Any Hub id of a ViT may be typed in." if registry.allow_any else None,
+        info=info,
     )
-    model_info = gr.Markdown(elem_id="model-info")
-    examples = sorted(f for f in os.listdir(EXAMPLES_DIR) if f.lower().endswith((".jpg", ".jpeg", ".png")))
-    gr.Examples([[os.path.join(EXAMPLES_DIR, f)] for f in examples], inputs=[photo], label="Examples", examples_per_page=12)
-    return photo, model, model_info
+
+
+def _examples(photo, bundled_first: bool) -> None:
+    files = sorted(f for f in os.listdir(EXAMPLES_DIR) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+    label = "Examples"
+    if bundled_first:  # what the bundled model was trained on comes first while it serves
+        files.sort(key=lambda f: not f.startswith("fashion-mnist"))
+        label = "Examples (clothing first: the bundled model knows only clothing)"
+    gr.Examples([[os.path.join(EXAMPLES_DIR, f)] for f in files], inputs=[photo], label=label, examples_per_page=12,
+                elem_id="examples")
+
+
+def _wire(shared: Shared, tabs: gr.Tabs, model_info, model_note) -> None:
+    """The photo's and the model's events, in order (see the module doc), and which tab is open."""
+    photo, model = shared.photo, shared.model
+    quiet = dict(api_visibility="private", show_progress="hidden")
+
+    def clear():
+        return [None] * len(shared.results)
+
+    def check(image):  # PhotoInput's guard read the file's header: an unreadable file was refused before this
+        return None
+
+    def handlers_after(checked, suffix: str) -> None:
+        for fn, inputs, outputs, kwargs in shared.photo_handlers:
+            kwargs = {**quiet, **kwargs}
+            kwargs["api_name"] = f"{kwargs.get('api_name') or fn.__name__}{suffix}"
+            checked.success(fn, inputs, outputs, **kwargs)
+
+    # A new photo: the old results go at once, then the guard reads the photo; an unreadable one leaves the page.
+    # The image component may report one upload twice: the browser passes on only a photo it has not seen last.
+    seen = gr.Textbox(visible="hidden", elem_id="photo-key")
+    photo.change(None, photo, seen, js=PHOTO_KEY, **quiet)
+    changed = seen.change(clear, None, shared.results, queue=False, api_name="new_photo", **quiet)
+    checked = changed.then(check, photo, None, api_name="check_photo", **quiet)
+    handlers_after(checked, "")
+    checked.failure(lambda: None, None, photo, queue=False, api_name="drop_photo", **quiet)
+
+    # A model choice: loaded, or put back with the reason; once loaded, the tabs follow it.
+    serving = gr.State(shared.display(shared.registry.default))
+    loaded = gr.State(False)
+
+    def load_model(name, was, progress=gr.Progress()):
+        try:
+            shown = shared.display_name(name)
+            progress(0, desc=f"Loading {checks.short(shown)} (the first time, it is downloaded from the Hugging Face Hub)")
+            clf = shared.classifier(name)
+        except gr.Error as e:  # a refusal, already logged in one line
+            gr.Warning(e.message)
+            tried = checks.short(name) if isinstance(name, str) else "That model"
+            return was, was, gr.skip(), f"⚠️ **{tried}** could not be loaded: {e.message} Still serving **{was}**.", False
+        return shown, shown, shared.facts(shown, clf), "", True
+
+    def go_on(ok):
+        if not ok:  # the chain stops here, silently: load_model said why
+            raise gr.Error("The model did not change.", visible=False, print_exception=False)
+
+    dep = model.input(load_model, [model, serving], [model, serving, model_info, model_note, loaded],
+                      api_name="select_model", api_visibility="private", show_progress_on=model_info)
+    dep = dep.then(go_on, loaded, None, queue=False, api_name="model_loaded", **quiet)
+    for i, (fn, inputs, outputs, kwargs) in enumerate(shared.model_handlers):
+        dep = (dep.success if i == 0 else dep.then)(fn, inputs, outputs, **{**quiet, **kwargs})
+    cleared = (dep.then if shared.model_handlers else dep.success)(clear, None, shared.results, queue=False,
+                                                                    api_name="model_clear", **quiet)
+    handlers_after(cleared.then(check, photo, None, api_name="model_check_photo", **quiet), "_after_model")
+
+    def opened(evt: gr.SelectData):
+        return evt.value
+
+    tabs.select(opened, None, shared.open_tab, queue=False, api_name="open_tab", **quiet)
