@@ -196,7 +196,7 @@ class Classifier:
                     f"'{target}' is not one of this model's {n} classes: give a label as the model spells it "
                     f"(predict lists the top ones, clf.labels all of them) or a class index from 0 to {n - 1}."
                 )
-        if isinstance(target, bool) or not isinstance(target, int) and not hasattr(target, "__index__"):
+        if isinstance(target, bool) or not (isinstance(target, int) or hasattr(target, "__index__")):
             raise ValueError(f"The target class must be a label or a class index, not {target!r}.")
         target = int(target)
         if not 0 <= target < n:
@@ -212,23 +212,24 @@ class Classifier:
         return explain_lib.readout_rows(num_tokens, self.config.num_prefix_tokens, self.config.global_pool)
 
     def _gradients(self, crop: torch.Tensor, target, key) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, int]:
-        """(attns, grads, logits, target index) for one crop, kept per `key` and class (the last few classes)."""
-        kept = self._recall(key).get("gradients", {})
-        seen = self._recall(key).get("attention")
+        """(attns, grads, logits, target index) for one crop. Per `key`, the attention is kept once (as `attention`
+        keeps it) and the gradients for the last two classes asked about (a ViT-B/16's take 22 MB per class)."""
+        memo = self._recall(key)
+        seen, kept = memo.get("attention"), memo.get("gradients", {})
         t = None
         if target is not None or seen is not None:
             t = self.target_index(target, None if seen is None else seen[2])
-            if t in kept:
-                return kept[t]
+            if seen is not None and t in kept:
+                return seen[1], kept[t], seen[2], t
         logits, attns, grads, targets = self.attention_gradients(self.preprocessor.normalize(crop), None if t is None else [t])
         t = int(targets[0])
-        done = [a[0] for a in attns], [g[0] for g in grads], logits[0], t
+        attns, grads, logits = [a[0] for a in attns], [g[0] for g in grads], logits[0]
         if key is not None:
-            kept = {**kept, t: done}
-            while len(kept) > 3:
+            kept = {**kept, t: grads}
+            while len(kept) > 2:
                 kept.pop(next(iter(kept)))
-            self._remember(key, gradients=kept)
-        return done
+            self._remember(key, gradients=kept, **({} if seen is not None else {"attention": (crop, attns, logits)}))
+        return attns, grads, logits, t
 
     def _check_options(self, method: str, options: dict) -> None:
         if method not in explain_lib.METHODS:
