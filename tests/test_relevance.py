@@ -222,6 +222,7 @@ def test_heatmap_shapes_targets_and_errors(bundled):
     for method in ex.METHODS:
         m = bundled.heatmap(image, method)
         assert m.shape == ((4, 7, 7) if method == "heads" else (7, 7)) and torch.isfinite(m).all(), method
+        assert m.max() > 0 and m.std() > 0, f"{method}: an empty or flat map (vit-explain's under fused attention, #23)"
     with pytest.raises(ValueError, match="is not one of this model's 10 classes") as e:
         bundled.heatmap(image, "relevance", target="tabby cat")
     assert "labels" in str(e.value)
