@@ -5,8 +5,13 @@ Runs as it is on a Hugging Face Space. Environment: VIT_DEMO_MODEL (default mode
 """
 
 import argparse
+import logging
 
 from vit_demo.ui import LAUNCH_KWARGS, build_demo
+
+# The app's own lines (which model serves and why, one per refused request) at INFO; other libraries' warnings.
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.getLogger("vit_demo").setLevel(logging.INFO)
 
 demo = build_demo()
 
