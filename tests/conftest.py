@@ -9,18 +9,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.server
+import io
 import json
 import os
 import shutil
 import socket
+import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -129,6 +133,19 @@ def confidences(result) -> list[tuple[str, float]]:
     """A gr.Label's value, as gradio_client returns it -> [(label, confidence), ...], best first."""
     assert isinstance(result, dict) and "confidences" in result, result
     return [(c["label"], c["confidence"]) for c in result["confidences"]]
+
+
+def with_garbage_exif(image: Image.Image, fmt: str) -> bytes:
+    """`image` as a PNG (with an eXIf chunk) or WebP (with an EXIF chunk) whose EXIF block is not TIFF data."""
+    garbage = b"this is not a TIFF header" * 4
+    buf = io.BytesIO()
+    if fmt == "WEBP":
+        image.save(buf, "WEBP", lossless=True, exif=garbage)
+        return buf.getvalue()
+    image.save(buf, "PNG")
+    png = buf.getvalue()
+    chunk = struct.pack(">I", len(garbage)) + b"eXIf" + garbage + struct.pack(">I", zlib.crc32(b"eXIf" + garbage))
+    return png[:-12] + chunk + png[-12:]  # before IEND (12 bytes)
 
 
 def free_port() -> int:

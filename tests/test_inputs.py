@@ -1,7 +1,9 @@
 """What strangers can send: unusual and broken images, bad checkpoints, names of models that are not on offer.
 
 The app is launched for real on loopback (as in test_app.py) and called with gradio_client. Every valid but
-unusual image must be classified exactly as `Classifier.predict` classifies the same file; every broken one
+unusual image must be classified as the reference does: Pillow's own conversion to RGB (with transparency put
+on white, EXIF orientation applied, 16 bits scaled by hand), torchvision's Resize and CenterCrop with the
+checkpoint's own settings, and transformers' model, which vit_demo's weights came from; every broken one
 must give the visitor a readable sentence (never Gradio's generic "an exception was raised", never a traceback),
 within seconds, and the next request must be answered as usual. Every Hub request goes to a server on
 127.0.0.1 that this module starts itself, or to a port nothing listens on.
@@ -27,9 +29,8 @@ import torch
 from huggingface_hub import constants
 from PIL import Image, ImageOps
 
-from conftest import (EXAMPLES, LABELS, free_port, hold_first_pass, launched, make_fruit_checkpoint, make_timm,
-                      make_transformers, wait_until)
-from vit_demo import load_classifier
+from conftest import (EXAMPLES, LABELS, confidences, free_port, hold_first_pass, launched, make_fruit_reference,
+                      make_timm, make_transformers, wait_until, with_garbage_exif)
 from vit_demo.registry import Registry
 from vit_demo.runtime import MAX_BATCH
 
@@ -113,6 +114,9 @@ def make_images(out: Path) -> dict[str, Path]:
         save("exif-upright.png", ImageOps.exif_transpose(im))  # the same pixels, upright, without EXIF
         save("exif-ignored.png", Image.fromarray(np.asarray(im)))  # the same pixels as stored, EXIF dropped
     save("photo.webp", photo, quality=90)
+    for fmt, name in (("PNG", "garbage-exif.png"), ("WEBP", "garbage-exif.webp")):  # EXIF Pillow cannot parse
+        p[name] = out / name
+        p[name].write_bytes(with_garbage_exif(photo, fmt))
     save("photo.bmp", photo)
     save("photo.tiff", photo)
     save("large-6000x4000.jpg", photo.resize((6000, 4000), Image.BICUBIC), quality=90)
@@ -122,7 +126,7 @@ def make_images(out: Path) -> dict[str, Path]:
 VALID = [
     "rgb-1x1.png", "wide-4000x3.png", "tall-3x4000.png", "gray16.png", "cmyk.jpg", "palette-transparent.png",
     "rgba.png", "gray.jpg", "animated.gif", "exif-rotated.jpg", "photo.webp", "photo.bmp", "photo.tiff",
-    "large-6000x4000.jpg",
+    "large-6000x4000.jpg", "garbage-exif.png", "garbage-exif.webp",
 ]
 EXPLAINED = {"rgb-1x1.png", "tall-3x4000.png", "gray16.png", "cmyk.jpg", "animated.gif", "large-6000x4000.jpg"}
 
@@ -149,7 +153,7 @@ def make_broken(out: Path) -> dict[str, Path]:
 
 
 class App:
-    """What the module's tests share: the client, the demo, the checkpoints and a reference Classifier."""
+    """What the module's tests share: the client, the demo, the checkpoints and the reference model."""
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +165,8 @@ def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("inputs")
     a = App()
     a.tmp = tmp
-    good = make_fruit_checkpoint(tmp / "good")
+    a.fruit = make_fruit_reference(tmp / "good")
+    good = a.fruit.path
     # Checkpoints that must each give a message and leave the app as it was.
     corrupt = make_transformers(tmp / "corrupt", "small").path
     data = (corrupt / "model.safetensors").read_bytes()
@@ -199,7 +204,6 @@ def app(tmp_path_factory):
     choices = [a.good] + [src for src, _ in a.bad.values()] + [a.no_config, a.timm, a.dark] + extra
     with launched(Registry(choices, default=a.good, device="cpu"), tmp) as (a.demo, a.url):
         a.client = Client(a.url, download_files=False, verbose=False)
-        a.reference = load_classifier(good, device="cpu")
         (tmp / "images").mkdir()
         a.images = make_images(tmp / "images")
         (tmp / "broken").mkdir()
@@ -210,9 +214,43 @@ def app(tmp_path_factory):
             a.client.close()
 
 
-def confidences(result) -> list[tuple[str, float]]:
-    assert isinstance(result, dict) and "confidences" in result, result
-    return [(c["label"], c["confidence"]) for c in result["confidences"]]
+def reference_rgb(image: Image.Image) -> Image.Image:
+    """The photo as the reference sees it: Pillow's conversion to RGB, after the conventions any viewer applies
+    (EXIF orientation, transparency on white, 16 bits to 8 by hand)."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except SyntaxError:  # an EXIF block Pillow cannot parse: the pixels as stored
+        pass
+    if image.mode.startswith("I;16"):
+        return Image.fromarray(np.round(np.asarray(image) * (255 / 65535)).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def reference_answer(app, image: Image.Image, k: int = 5) -> list[tuple[str, float]]:
+    """Top-k of the transformers model on torchvision's Resize (+ CenterCrop) of `reference_rgb(image)`, with the
+    settings of the checkpoint's preprocessor_config.json."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
+    pp = json.loads((app.fruit.path / "preprocessor_config.json").read_text())
+    assert pp["resample"] == 2  # bilinear
+    x = T.PILToTensor()(reference_rgb(image))  # uint8 (3, H, W), resized as a tensor as transformers does
+    x = T.Resize((pp["size"]["height"], pp["size"]["width"]), InterpolationMode.BILINEAR, antialias=True)(x)
+    if pp.get("do_center_crop"):
+        x = T.CenterCrop((pp["crop_size"]["height"], pp["crop_size"]["width"]))(x)
+    mean, std = torch.tensor(pp["image_mean"]).view(3, 1, 1), torch.tensor(pp["image_std"]).view(3, 1, 1)
+    with torch.no_grad():
+        probs = app.fruit.forward(((x.float() / 255 - mean) / std).unsqueeze(0))[0].softmax(-1)
+    values, indices = probs.topk(k)
+    return [(LABELS[i], float(p)) for p, i in zip(values.tolist(), indices.tolist())]
+
+
+def reference_for(app, path) -> list[tuple[str, float]]:
+    with Image.open(path) as im:
+        return reference_answer(app, im)
 
 
 def timed(fn, *args, **kwargs):
@@ -261,7 +299,7 @@ def assert_differs(other, got, what: str):
 def still_serving(app):
     """A valid request right after is answered, by the model the app had."""
     got = classify(app, CHELSEA)
-    assert_same(got, app.reference.predict(Image.open(CHELSEA), k=5), "chelsea after a refusal")
+    assert_same(got, reference_for(app, CHELSEA), "chelsea after a refusal")
     assert app.good in app.demo.registry.loaded()
 
 
@@ -269,13 +307,11 @@ def still_serving(app):
 
 
 @pytest.mark.parametrize("name", VALID)
-def test_unusual_image_is_classified_as_the_python_api_does(app, name):
+def test_unusual_image_is_classified_as_the_reference_does(app, name):
     path = app.images[name]
     got = classify(app, path)
     assert len(got) == 5 and set(label for label, _ in got) <= set(LABELS)
-    with Image.open(path) as im:
-        expected = app.reference.predict(im, k=5)
-    assert_same(got, expected, name)
+    assert_same(got, reference_for(app, path), name)
     if name in EXPLAINED:
         from gradio_client import handle_file
 
@@ -290,31 +326,37 @@ def test_unusual_image_is_classified_as_the_python_api_does(app, name):
 def test_animated_gif_is_classified_by_its_first_frame(app):
     got = classify(app, app.images["animated.gif"])
     assert_same(got, classify(app, app.images["gif-frame1.png"]), "GIF vs its first frame")
-    assert_differs(app.reference.predict(Image.open(app.images["gif-frame2.png"]), k=5), got, "the two frames")
+    assert_differs(reference_for(app, app.images["gif-frame2.png"]), got, "the two frames")
 
 
 def test_exif_rotated_photo_is_put_upright_before_classifying(app):
     got = classify(app, app.images["exif-rotated.jpg"])
     assert_same(got, classify(app, app.images["exif-upright.png"]), "EXIF-rotated vs upright")
-    assert_differs(app.reference.predict(Image.open(app.images["exif-ignored.png"]), k=5), got, "upright and sideways")
+    assert_differs(reference_for(app, app.images["exif-ignored.png"]), got, "upright and sideways")
 
 
 def test_16_bit_image_keeps_its_contrast(app):
     """Real 16-bit values are scaled to 8 bits, not clipped to white."""
     with Image.open(app.images["gray16.png"]) as im:
         assert im.mode.startswith("I") and np.asarray(im).max() > 255
-        crop = app.reference.preprocessor.crop(im)
+        crop = app.demo.registry.get(app.good).preprocessor.crop(im)
     with Image.open(CHELSEA) as im:
-        eight_bit = app.reference.preprocessor.crop(im.convert("L"))
+        eight_bit = app.demo.registry.get(app.good).preprocessor.crop(im.convert("L"))
     assert len(torch.unique(crop)) > 100
     assert (crop.float() - eight_bit.float()).abs().mean() < 3  # the high byte is the 8-bit photo
 
 
-def test_large_photo_is_within_the_caps(app):
-    path = app.images["large-6000x4000.jpg"]
-    assert path.stat().st_size < 20_000_000
-    with Image.open(path) as im:
-        assert im.size == (6000, 4000)
+def test_the_largest_photo_allowed_is_classified_and_one_row_more_is_refused(app):
+    """40 megapixels (8000x5000) is the cap: a photo of exactly that size is classified as the reference does, and
+    one a row taller is refused from its header."""
+    photo = Image.open(CHELSEA).convert("RGB")
+    at_cap, over = app.tmp / "images" / "8000x5000.jpg", app.tmp / "images" / "8000x5001.jpg"
+    photo.resize((8000, 5000), Image.BILINEAR).save(at_cap, quality=85)
+    photo.resize((8000, 5001), Image.BILINEAR).save(over, quality=85)
+    assert at_cap.stat().st_size < 20 * 2**20 and over.stat().st_size < 20 * 2**20  # under the upload cap
+    assert_same(classify(app, at_cap), reference_for(app, at_cap), "8000x5000")
+    message, _ = refusal(app, over)
+    assert TOO_LARGE in message
 
 
 @pytest.mark.parametrize("model, name", [
@@ -553,7 +595,7 @@ def test_a_full_queue_tells_the_visitor_to_retry(app, monkeypatch):
             assert str(info.value) == QUEUE_FULL
     finally:
         release.set()
-    expected = app.reference.predict(Image.open(CHELSEA), k=5)
+    expected = reference_for(app, CHELSEA)
     for job in admitted:
         assert_same(confidences(job.result(timeout=2 * REQUEST_SECONDS)), expected, "a request that waited")
     monkeypatch.undo()
@@ -582,7 +624,7 @@ def test_concurrent_visitors_share_forward_passes_and_a_damaged_file_fails_alone
                 job.result(timeout=REQUEST_SECONDS)
             assert str(info.value) == DAMAGED
         else:
-            assert_same(confidences(job.result(timeout=REQUEST_SECONDS)), app.reference.predict(Image.open(f), k=5), f.name)
+            assert_same(confidences(job.result(timeout=REQUEST_SECONDS)), reference_for(app, f), f.name)
     assert seen == [1, len(photos) - 1], seen
     monkeypatch.undo()
     still_serving(app)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, assert_close, lay_out_hub_cache, make_timm, make_torchvision, make_transformers
+from conftest import EXAMPLES, assert_close, lay_out_hub_cache, make_timm, make_torchvision, make_transformers, with_garbage_exif
 from vit_demo import load_classifier
 from vit_demo.preprocess import load_image
 
@@ -158,23 +158,6 @@ def test_decoded_bytes_reads_the_header_only(tmp_path):
 
 
 # --- damaged metadata -------------------------------------------------------------------------------------------
-
-
-def with_garbage_exif(image: Image.Image, fmt: str) -> bytes:
-    """`image` as a PNG (with an eXIf chunk) or WebP (with an EXIF chunk) whose EXIF block is not TIFF data."""
-    import io
-    import struct
-    import zlib
-
-    garbage = b"this is not a TIFF header" * 4
-    buf = io.BytesIO()
-    if fmt == "WEBP":
-        image.save(buf, "WEBP", lossless=True, exif=garbage)
-        return buf.getvalue()
-    image.save(buf, "PNG")
-    png = buf.getvalue()
-    chunk = struct.pack(">I", len(garbage)) + b"eXIf" + garbage + struct.pack(">I", zlib.crc32(b"eXIf" + garbage))
-    return png[:-12] + chunk + png[-12:]  # before IEND (12 bytes)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
