@@ -470,3 +470,26 @@ def test_heads_share_one_colour_scale():
     assert (low, high) == (0.0, 1.0)
     second = np.asarray(sheet)[:, 64 + figures.GAP:]  # the flat head's tile
     assert np.abs(second[-1, -1].astype(int) - colorize(np.array(0.25)).astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("case", ["unreachable", "gated"])
+def test_a_hub_out_of_reach_hides_models_a_refusing_hub_does_not(fake_hub, tmp_path, monkeypatch, small_models, case):
+    """Without HF_HUB_OFFLINE, the page counts the Hub as out of reach only when it could not be reached at all."""
+    from conftest import free_port
+    from huggingface_hub import constants
+
+    from vit_demo import registry as registry_mod
+    from vit_demo.ui import build_demo
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setattr(registry_mod, "BUNDLED", small_models[0])
+    if case == "unreachable":
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    default = "someone/gated-vit" if case == "gated" else "someone/any-vit"
+    demo = build_demo(Registry([default, "other/not-cached"], default=default, device="cpu"))
+    assert demo.registry.default == BUNDLED_NAME
+    offered = [value for _, value in block(demo, "model").choices]
+    if case == "unreachable":
+        assert offered == [BUNDLED_NAME]
+    else:  # the Hub answered: the other models may well load
+        assert offered == [BUNDLED_NAME, default, "other/not-cached"]

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from conftest import EXAMPLES, ROOT, free_port, make_transformers
+from vit_demo.registry import BUNDLED, BUNDLED_NAME
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -62,6 +63,9 @@ def app(tmp_path_factory):
     mp.setattr(tempfile, "tempdir", str(tmp / "tmp"))
     mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     mp.setenv("HF_HUB_OFFLINE", "1")
+    # float32 everywhere: the page's answers are compared digit for digit with the library's, and bfloat16 logits
+    # of a random 1000-class model tie often enough to reorder rows.
+    mp.setenv("VIT_DEMO_PRECISION", "float32")
     mp.setenv("HF_HOME", str(tmp / "hf_home"))
     mp.setattr(constants, "HF_HUB_OFFLINE", True)
     mp.setattr(constants, "HF_HUB_CACHE", str(tmp / "hf_home" / "hub"))
@@ -76,7 +80,7 @@ def app(tmp_path_factory):
     from vit_demo.registry import Registry
     from vit_demo.ui import LAUNCH_KWARGS, build_demo
 
-    demo = build_demo(Registry([path, str(broken), "nobody/not-cached"], default=path, device="cpu"))
+    demo = build_demo(Registry([path, str(broken), BUNDLED_NAME, "nobody/not-cached"], default=path, device="cpu"))
     clf = demo.registry.get(path)
     received: list[Image.Image] = []
     predict = clf.predict
@@ -285,8 +289,8 @@ def test_a_failed_model_choice_goes_back_to_the_serving_model(page, app, library
     _expect_answer(page, library, CHELSEA)
     page.locator("#model input").click()
     options = page.get_by_role("option")
-    expect(options).to_have_count(2)
-    assert sorted(t.strip().lstrip("✓").strip() for t in options.all_inner_texts()) == sorted([MODEL_NAME, BROKEN_NAME])
+    expect(options).to_have_count(3)
+    assert sorted(t.strip().lstrip("✓").strip() for t in options.all_inner_texts()) == sorted([MODEL_NAME, BROKEN_NAME, BUNDLED_NAME])
     expect(page.locator("#model")).to_contain_text("1 model not downloaded here is not offered")  # nobody/not-cached
     page.get_by_role("option", name=BROKEN_NAME).click()
 
@@ -300,6 +304,34 @@ def test_a_failed_model_choice_goes_back_to_the_serving_model(page, app, library
     _upload(page, COFFEE)
     _expect_answer(page, library, COFFEE)
     expect(page.locator("#model-info")).to_contain_text(f"{MODEL_NAME}: 2 layers, 4 heads, 224×224 px input")
+
+
+def test_a_model_choice_answers_the_photo_again(page, app):
+    """Choosing the bundled model: its facts, its limits and its answer to the same photo, with no new upload."""
+    from playwright.sync_api import expect
+
+    from vit_demo import load_classifier
+    from vit_demo.ui.classify import percent
+
+    bundled = load_classifier(BUNDLED, device="cpu")
+    _upload(page, CHELSEA)
+    expect(_top_class(page)).to_be_visible()
+    expect(page.locator("#fallback-note")).to_be_hidden()
+    _open_tab(page, "Attention")
+    _wait_for_images(page, "#overlay img")
+    page.locator("#model input").click()
+    page.get_by_role("option", name=BUNDLED_NAME).click()
+    expect(page.locator("#model-info")).to_contain_text(f"{BUNDLED_NAME}: 6 layers, 4 heads, 28×28 px input", timeout=WAIT_MS)
+    expect(page.locator("#model-note")).to_have_text("")
+    # The map is drawn again by the bundled model, its layer control set to its 6 layers.
+    top = bundled.predict(Image.open(CHELSEA), k=5)
+    expect(page.locator("#map-class")).to_contain_text(f"The model's answer: {top[0][0]}", timeout=WAIT_MS)
+    _open_tab(page, "Classify")
+    expect(page.locator("#label td.pct")).to_have_text([percent(p) for _, p in top], timeout=WAIT_MS)
+    assert [name for name, _ in _rows(page)] == [label for label, _ in top]
+    expect(page.locator("#fallback-note")).to_contain_text("This model knows only 10 kinds of clothing")
+    expect(page.locator("#answered")).to_contain_text(f"{BUNDLED_NAME} answered in")
+    _shot(page, f"{page.size}-7-bundled-model.png")
 
 
 def test_the_attention_tab_draws_without_a_click(page, app, library):
@@ -364,7 +396,8 @@ def test_no_server_path_reaches_the_page(page, app):
     assert str(app["tmp"]) not in text, "a server path is in the page text"
     # The page's source names files in Gradio's upload cache (that is how Gradio serves them), but no model folder.
     html = page.content()
-    assert str(app["tmp"] / "models") not in html, "a model's server path is in the page source"
+    for folder in (str(app["tmp"] / "models"), BUNDLED):
+        assert folder not in html, f"a model's server path ({folder}) is in the page source"
     assert MODEL_NAME in text
 
 

@@ -105,10 +105,12 @@ class Page(gr.Blocks):
             raise checks.translate(e, block_fn.inputs, len(inputs)) from e
 
 
-def _unreachable(error: BaseException) -> bool:
+def _unreachable(error: BaseException | None) -> bool:
     """Whether a load failed because the Hub could not be reached at all (not a refusal that the Hub sent)."""
     while error is not None:
-        if isinstance(error, (HTTPError, TimeoutError)) and not isinstance(error, HfHubHTTPError):
+        if isinstance(error, HfHubHTTPError) or getattr(error, "response", None) is not None:
+            return False  # the Hub answered (gated, not found, ...): other models may well load
+        if isinstance(error, (HTTPError, TimeoutError, ConnectionError)):
             return True
         error = error.__cause__
     return False
