@@ -2,8 +2,8 @@
 
 One app serves every test in this module, offline (HF_HUB_OFFLINE): a small random-weight transformers ViT
 (224 px, 32 px patches, 4 heads, 1000 classes, so that every probability is below 1%) in a local folder, a
-listed local folder whose weights are damaged (a model choice that fails), and a Hub id that is not cached
-(not offered offline). Each test runs at a desktop size (1280x900) and a phone size (390x844). Screenshots of
+listed local folder whose weights are damaged (a model choice that fails), the bundled model, and a Hub id that
+is not cached (not offered offline). Models run in float32. Each test runs at a desktop size (1280x900) and a phone size (390x844). Screenshots of
 each step go to test-artifacts/ (git-ignored). Chromium must be at /usr/bin/chromium (`apt-get install
 chromium`; CI installs it): without it these tests fail, they do not skip.
 """
@@ -233,6 +233,15 @@ def test_an_upload_is_answered_without_a_click_and_a_second_replaces_it(page, ap
     for got, path in zip(app["received"], (CHELSEA, COFFEE)):
         want = np.asarray(Image.open(path).convert("RGB"))
         assert np.array_equal(np.asarray(got.convert("RGB")), want), f"the server did not get {path.name} as it is"
+
+
+def test_an_example_is_answered_without_a_click_on_a_button(browser, app, library):
+    context, page = _open(browser, app["url"])
+    try:
+        page.locator("#examples img[src*='coffee.jpg']").first.click()
+        _expect_answer(page, library, COFFEE)
+    finally:
+        context.close()
 
 
 def test_on_a_phone_the_answer_is_on_the_first_screen_under_the_photo(browser, app, library):
