@@ -1,4 +1,8 @@
-"""Every way a checkpoint can fail to load gives one ModelLoadError whose message says what to do."""
+"""Every way a checkpoint can fail to load gives one ModelLoadError whose message says what to do.
+
+Each message that loading can raise in hub.py, convert.py and classifier.py has a test here (convert's
+to_transformers and to_torchvision errors are for exporting, not loading, and are left to their callers).
+"""
 
 import pickle
 import time
@@ -200,3 +204,80 @@ def test_heads_that_do_not_divide_the_width(tmp_path):
     ref = make_transformers(tmp_path, "small")  # 64 channels
     _edit_json(ref.path / "config.json", num_attention_heads=5)
     assert "64 channels cannot be split into 5 attention heads" in _error(ref.path)
+
+
+# --- the other messages of hub.py, convert.py and classifier.py -----------------------------------------------
+
+
+def test_transformers_weights_without_config(tmp_path):
+    ref = make_transformers(tmp_path, "small")
+    (ref.path / "config.json").unlink()
+    assert "has transformers weights but no config.json" in _error(ref.path)
+
+
+def test_not_a_valid_hub_id(offline_hub):
+    assert "'org/not a valid id!' is neither a local path nor a valid Hub model id" in _error("org/not a valid id!")
+
+
+def test_missing_revision(fake_hub):
+    assert "someone/vit has no revision 'no-such-revision'" in _error("someone/vit", revision="no-such-revision")
+
+
+def test_several_weights_files(tmp_path):
+    from safetensors.torch import save_file
+
+    for name in ("a.safetensors", "b.safetensors"):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / name))
+    assert "holds several weights files (a.safetensors, b.safetensors): pass the path of one of them." in _error(tmp_path)
+
+
+def test_config_that_is_not_json(tmp_path):
+    ref = make_transformers(tmp_path, "small")
+    (ref.path / "config.json").write_text("{not json")
+    assert "config.json is not valid JSON" in _error(ref.path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a pickle"])
+def test_unreadable_pytorch_file(tmp_path, damage):
+    path = tmp_path / "vit_b_16.pth"
+    torch.save({"class_token": torch.zeros(1, 1, 8)}, path)
+    path.write_bytes(path.read_bytes()[:100] if damage == "truncated" else b"these are not weights\n" * 10)
+    assert "vit_b_16.pth is not a readable PyTorch weights file: download it again." in _error(path)
+
+
+def test_pickle_of_something_other_than_tensors(tmp_path):
+    torch.save({"class_token": [1, 2, 3]}, tmp_path / "vit_b_16.pth")
+    assert "vit_b_16.pth is not a state dict of tensors" in _error(tmp_path / "vit_b_16.pth")
+
+
+def test_weights_without_the_shape_of_a_vit(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = make_timm(tmp_path, "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    sd = load_file(str(ref.path / "model.safetensors"))
+    del sd["pos_embed"]
+    save_file(sd, str(ref.path / "model.safetensors"))
+    assert "The weights do not have the shape of a ViT (no 'pos_embed')" in _error(ref.path)
+
+
+def test_unsupported_activation(tmp_path):
+    ref = make_transformers(tmp_path, "small", hidden_act="relu")
+    assert "Activation 'relu' is not supported" in _error(ref.path)
+
+
+def test_missing_and_unexpected_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = make_timm(tmp_path, "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    sd = load_file(str(ref.path / "model.safetensors"))
+    del sd["norm.bias"]
+    sd["blocks.0.attn.q_norm.weight"] = torch.ones(64)
+    save_file(sd, str(ref.path / "model.safetensors"))
+    message = _error(ref.path)
+    assert "does not fit a ViT: missing norm.bias, unexpected blocks.0.attn.q_norm.weight" in message, message
+
+
+def test_preprocessing_settings_that_cannot_be_read(tmp_path):
+    ref = make_timm(tmp_path, "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    _edit_json(ref.path / "config.json", **{"pretrained_cfg.input_size": [32, 32]})
+    assert "has preprocessing settings vit_demo cannot read (config.json's pretrained_cfg: ValueError" in _error(ref.path)

@@ -274,20 +274,33 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelLoadError(f"{path.name} is not a readable safetensors file (it may be truncated): download it again.") from e
+    unreadable = f"{path.name} is not a readable PyTorch weights file: download it again."
+    if not _is_torch_save(path):
+        raise ModelLoadError(unreadable)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ModelLoadError(
             f"{path.name} contains more than tensors (objects or code) and was refused: use a safetensors file."
         ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ModelLoadError(f"{path.name} is not a readable PyTorch weights file: download it again.") from e
+    except Exception as e:  # noqa: BLE001 - a damaged file makes the unpickler fail in many ways (IndexError, ...)
+        raise ModelLoadError(unreadable) from e
     for key in ("state_dict", "model", "model_state_dict"):  # common training-checkpoint wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelLoadError(f"{path.name} is not a state dict of tensors: save the model's state_dict() instead.")
     return sd
+
+
+def _is_torch_save(path: Path) -> bool:
+    """torch.save writes a zip archive, or (before PyTorch 1.6) a pickle: protocol 2 or above starts with 0x80."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _check_is_vit(config: dict, source) -> None:
