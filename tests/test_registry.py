@@ -109,3 +109,10 @@ def test_after_a_failed_load_the_retry_is_shared_and_no_caller_loads_in_parallel
     assert isinstance(results["A"], ModelLoadError)
     assert results["B"] is made[0] and results["C"] is made[0], results
     assert len(loads) == 2 and reg._loading == {}, (loads, reg._loading)
+
+
+def test_make_default_puts_the_model_first_and_serves_it_when_none_is_named(monkeypatch):
+    monkeypatch.setattr(registry_module, "load_classifier", lambda name, device=None: name)
+    reg = Registry(["org/a", "org/b"], default="org/a")
+    reg.make_default("org/b")
+    assert reg.choices == ["org/b", "org/a"] and reg.get() == "org/b" and reg.get("") == "org/b"

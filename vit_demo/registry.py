@@ -74,6 +74,12 @@ class Registry:
         choices = listed or CURATED + ([BUNDLED_NAME] if bundled_available() else [])
         return cls(choices, default, allow_any=_env_flag("VIT_DEMO_ALLOW_ANY_MODEL"), **kwargs)
 
+    def make_default(self, name: str) -> None:
+        """Serves `name` by default and lists it first (the app's fallback when the default cannot load)."""
+        with self._lock:
+            self.default = name
+            self.choices = list(dict.fromkeys([name] + self.choices))
+
     def check_allowed(self, name: str) -> str:
         name = (name or "").strip() or self.default
         if name in self.choices:
