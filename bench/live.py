@@ -235,6 +235,7 @@ def cpu() -> dict:
         "cores": os.cpu_count(),
         "amx": bool(torch.cpu._is_amx_tile_supported()),
         "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "torch_threads": torch.get_num_threads(),
         "load_1min": os.getloadavg()[0],
     }
 
@@ -248,8 +249,10 @@ def section(r: dict) -> str:
         "",
         f"Written by `python bench/live.py` on {r['date']}. Nothing here is typed by hand.",
         "",
-        f"- Machine: {c['model']}, {c['cores']} cores shared by the server and headless Chromium; this CPU "
-        f"{has(c['amx'])} AMX and {has(c['avx512_bf16'])} avx512_bf16. Load average when the run began: {c['load_1min']:.1f}.",
+        f"- Machine: {c['model']}, {c['cores']} cores shared by the server ({c['torch_threads']} torch threads) and "
+        f"headless Chromium; this CPU {has(c['amx'])} AMX and {has(c['avx512_bf16'])} avx512_bf16. Load average "
+        f"(1 minute) when the run began: {c['load_1min']:.1f}, when it ended: {r['load_end']:.1f}"
+        + (" (other work shared the machine: the figures are lower than on an idle one)." if max(c['load_1min'], r['load_end']) > c['cores'] else "."),
         "- A real browser: Chromium's fake camera plays chelsea.jpg at 640x480; the page asks for 320x240 and sends "
         f"a frame every {r['frame_every_s']:.2f} s; the server answers the latest one each time (the others are dropped).",
         "- Random weights, from local folders laid out like Hub repos; each model served by the app in its own process.",
@@ -317,6 +320,7 @@ def main() -> None:
         for label, model, seconds in (("ViT-B/16", base, args.seconds), ("DeiT-tiny size", tiny, args.small_seconds)):
             result = stream(pw, model, y4m, tmp, seconds, args.map_seconds)
             r["models"].append({"label": label, **result})
+    r["load_end"] = os.getloadavg()[0]
     write_section(section(r), args.out)
     print(f"wrote the live section of {args.out}")
 
