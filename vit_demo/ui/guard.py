@@ -60,13 +60,17 @@ class PhotoInput(gr.Image):
         if not (getattr(payload, "url", None) or "").startswith("data:"):  # data: URLs are written into the cache
             check_uploaded(getattr(payload, "path", None), self.GRADIO_CACHE)
         try:
-            path = super().preprocess(payload)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                path = super().preprocess(payload)  # opens the file (its header) unless it is an SVG
             if path is not None:
                 check_uploaded(path, self.GRADIO_CACHE)
                 header_estimate(path)  # gradio passes some uploads (SVG) through unopened: open every one here
             return path
         except gr.Error:
             raise
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise refusal(TOO_LARGE) from e
         except (UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
             raise refusal(UNREADABLE) from e
 
