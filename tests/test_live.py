@@ -445,3 +445,12 @@ def test_the_live_event_answers_a_frame_and_refuses_a_hostile_one(app):
     refused = _join(app, _data_url(Image.new("RGB", (2500, 2000)), "PNG"), "live-test-large")
     assert refused["msg"] == "process_completed" and not refused["success"]
     assert refused["output"]["error"] == TOO_LARGE
+
+
+def test_the_live_events_are_private(app):
+    from gradio_client import Client
+
+    named = Client(app["url"], verbose=False, download_files=False).view_api(return_format="dict", print_info=False)
+    assert "/classify" in named["named_endpoints"]
+    public = set(named["named_endpoints"]) | set(named["unnamed_endpoints"])
+    assert not {"/live", "/live_map_on"} & public, public
