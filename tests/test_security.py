@@ -114,7 +114,7 @@ def test_every_event_that_takes_the_photo_refuses_server_files(app):
             data[at] = given
             ok, out = join(url, fn_index, data)
             assert not ok and NOT_UPLOADED in str(out), f"{name} answered {str(out)[:200]} for {given}"
-    public = {"classify": [5, None], "explain": ["rollout", None, 1, "mean", "mean", 0.9, 0.6]}
+    public = {"classify": [5, None], "explain": ["rollout", None, 1, "mean", "mean", 0.9, 0.6, None]}
     for api, rest in public.items():  # the public `call` route too
         event, out = call(url, api, [{"path": str(secret)}, *rest])
         assert event == "error" and NOT_UPLOADED in out, (api, out)
@@ -129,11 +129,11 @@ def test_an_uploaded_photo_is_still_answered(app):
 def test_explain_reaches_the_last_layer_and_head_of_a_deeper_model(app):
     _, url, _, deep = app
     photo = upload(url, CHELSEA)
-    event, out = call(url, "explain", [photo, "attention", deep, 5, "8", "mean", 0.9, 0.6])
+    event, out = call(url, "explain", [photo, "attention", deep, 5, "8", "mean", 0.9, 0.6, None])
     assert event == "complete", out
-    event, out = call(url, "explain", [photo, "attention", deep, 6, "mean", "mean", 0.9, 0.6])
+    event, out = call(url, "explain", [photo, "attention", deep, 6, "mean", "mean", 0.9, 0.6, None])
     assert event == "error" and "from 1 to 5" in out, out
-    event, out = call(url, "explain", [photo, "attention", None, 5, "mean", "mean", 0.9, 0.6])  # the default has 2
+    event, out = call(url, "explain", [photo, "attention", None, 5, "mean", "mean", 0.9, 0.6, None])  # the default has 2
     assert event == "error" and "from 1 to 2" in out, out
 
 
@@ -149,14 +149,16 @@ BAD_CLASSIFY = {
     "too few inputs": [None],
 }
 BAD_EXPLAIN = {
-    "method None": [None, None, None, 2, "mean", "mean", 0.9, 0.6],
-    "unknown method": [None, "nope", None, 2, "mean", "mean", 0.9, 0.6],
-    "head_fusion None": [None, "rollout", None, 2, "mean", None, 0.9, 0.6],
-    "layer as text": [None, "attention", None, "x", "mean", "mean", 0.9, 0.6],
-    "head as a list": [None, "attention", None, 2, [1], "mean", 0.9, 0.6],
-    "discard ratio infinite": [None, "rollout", None, 2, "mean", "mean", "Infinity", 0.6],
-    "alpha not a number": [None, "rollout", None, 2, "mean", "mean", 0.9, "NaN"],
-    "layer fractional": [None, "attention", None, 1.5, "mean", "mean", 0.9, 0.6],
+    "method None": [None, None, None, 2, "mean", "mean", 0.9, 0.6, None],
+    "unknown method": [None, "nope", None, 2, "mean", "mean", 0.9, 0.6, None],
+    "head_fusion None": [None, "rollout", None, 2, "mean", None, 0.9, 0.6, None],
+    "layer as text": [None, "attention", None, "x", "mean", "mean", 0.9, 0.6, None],
+    "head as a list": [None, "attention", None, 2, [1], "mean", 0.9, 0.6, None],
+    "discard ratio infinite": [None, "rollout", None, 2, "mean", "mean", "Infinity", 0.6, None],
+    "alpha not a number": [None, "rollout", None, 2, "mean", "mean", 0.9, "NaN", None],
+    "layer fractional": [None, "attention", None, 1.5, "mean", "mean", 0.9, 0.6, None],
+    "target as a list": [None, "relevance", None, 2, "mean", "mean", 0.9, 0.6, ["apple"]],
+    "target unknown": [None, "relevance", None, 2, "mean", "mean", 0.9, 0.6, "tabby cat"],
 }
 
 
@@ -223,7 +225,7 @@ def test_identical_explanations_downloaded_concurrently_all_decode(app):
 
     def visitor(_):
         for _ in range(3):
-            event, out = call(url, "explain", [photo, "rollout", None, 2, "mean", "mean", 0.9, 0.6])
+            event, out = call(url, "explain", [photo, "rollout", None, 2, "mean", "mean", 0.9, 0.6, None])
             if event != "complete":
                 failures.append(out)
                 continue
@@ -258,7 +260,7 @@ def test_the_cache_shrinks_after_its_lifetime(tmp_path, monkeypatch):
         fresh = tmp_path / "fresh.png"  # not an example: its upload is a file of its own
         Image.new("RGB", (40, 30), (90, 20, 200)).save(fresh)
         photo = upload(url, str(fresh))
-        assert call(url, "explain", [photo, "rollout", None, 2, "mean", "mean", 0.9, 0.6])[0] == "complete"
+        assert call(url, "explain", [photo, "rollout", None, 2, "mean", "mean", 0.9, 0.6, None])[0] == "complete"
         orphan = cache / "tmpabandoned"  # what a refused upload leaves behind
         orphan.write_bytes(b"x" * 1000)
         made = {f for f in cache.rglob("*") if f.is_file()} - kept

@@ -2,6 +2,8 @@
 
 - `page.py`: assembles the Blocks (header, photo, model choice, tabs) and starts the registry.
 - `classify.py`, `attention.py`: one tab each, building their components and wiring their events.
+- `faith.py`, `maps.py`: the Attention tab's faithfulness score, `/faithfulness` and the comparison of methods;
+  the checks every map request passes (method, options, class to explain).
 - `guard.py`: the one door every image passes (where it came from, how big it decodes) and the result images.
 - `checks.py`: every other input, checked against the chosen model; refusals in one sentence, logged in one line.
 - `server.py`: limits on raw HTTP requests and the lifetime of cached files.

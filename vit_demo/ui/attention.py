@@ -1,33 +1,53 @@
-"""The "Attention" tab: where the transformer looked, drawn over the crop it saw.
+"""The "Attention" tab: where the transformer looked, or why it chose a class, drawn over the crop it saw.
 
-The map is drawn when the tab is opened, and again when the photo, the model or a control changes; the button
-re-runs the public `/explain` endpoint, which returns the overlay alone. Beside the map: the class and
-probability it belongs to, a colour bar, and one sentence on the method. Only the chosen method's controls show.
+The map is drawn when the tab is opened, and again when the photo, the model, the class to explain or a
+control changes; the button re-runs the public `/explain` endpoint, which returns the overlay alone. Beside the
+map: the class and probability it belongs to, a colour bar, and one sentence on the method. Only the chosen
+method's controls show. The class to explain is one of the photo's top classes (the top one until another is
+picked); it steers the class-specific methods, and the others say that they are the same for every class.
+Under the map, its faithfulness is scored on request (`faith.py`), and every method can be compared.
 
 To offer another method of `vit_demo.explain`, add it to METHOD_CHOICES; the options it reads (explain.OPTIONS)
 name the controls it shows, and explain.DESCRIPTIONS gives its sentence. A new option needs a control in
-`build` under the same name.
+`build` under the same name, and a check in `maps.map_options`.
 """
 
 from __future__ import annotations
 
 import gradio as gr
+import torch
 from PIL import Image
 
+from ..classifier import Classifier
 from ..explain import CLASS_SPECIFIC, DEFAULT_DISCARD_RATIO, DESCRIPTIONS, HEAD_FUSIONS, METHODS, OPTIONS
-from . import checks, figures
+from . import checks, faith, figures
 from .classify import percent
-from .common import DAMAGED, Shared, gpu, need, probabilities
+from .common import DAMAGED, Shared, gpu, probabilities
 from .guard import ResultImage, decoding
+from .maps import parse, target_value
 
 # The methods the page offers, in order: (label on the page, method of vit_demo.explain).
 METHOD_CHOICES = [
     ("Attention rollout", "rollout"),
     ("Class-token attention (one layer)", "attention"),
     ("All heads of one layer", "heads"),
+    ("Relevance (Chefer et al. 2021): why this class", "relevance"),
+    ("Gradient-weighted rollout", "gradient_rollout"),
 ]
 ALWAYS_SHOWN = ("alpha",)  # controls every method uses
-MIN_VIEW = 224  # maps of smaller crops are drawn larger, by a whole factor
+TOP_CLASSES = 5  # the classes offered to explain
+TARGET_INFO = {
+    True: "The map answers: why this class? Pick another of the top classes to see what speaks for it.",
+    False: "This method's map is the same for every class: pick Relevance or Gradient-weighted rollout to explain one.",
+}
+
+
+class TargetChoice(checks.Dropdown):
+    """The class to explain: one of the photo's top classes on the page, any of the model's labels through the
+    API (checked by maps.target_class), so the API describes it as text rather than the page's current choices."""
+
+    def api_info(self) -> dict:
+        return {"type": "string", "description": "a class label, as /classify names it; empty for the top class"}
 
 
 def shown_controls(method: str) -> tuple[str, ...]:
@@ -46,6 +66,21 @@ def caption(method: str, label: str, probability: float) -> str:
     return f"The model's answer: **{label}** ({percent(probability)}). This map is the same for every class."
 
 
+def target_choices(clf: Classifier, logits: torch.Tensor, target: int) -> gr.Dropdown:
+    """The class choice for a photo: its top classes with their probabilities, best first, `target` selected
+    (and offered, should it not be among them)."""
+    probs = probabilities(logits)
+    top = probs.topk(min(TOP_CLASSES, len(clf.labels))).indices.tolist()
+    if target not in top:
+        top.append(target)
+    choices = [(f"{clf.labels[i]} ({percent(probs[i])})", target_value(clf, i)) for i in top]
+    return gr.Dropdown(choices=choices, value=target_value(clf, target))
+
+
+def no_choices() -> gr.Dropdown:
+    return gr.Dropdown(choices=[], value=None)
+
+
 def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> dict[str, gr.components.Component]:
     """Builds the tab inside the current layout and wires its events.
 
@@ -58,32 +93,23 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
     """
     registry = shared.registry
 
-    def draw(image, method, model, layer, head, head_fusion, discard_ratio, alpha):
-        """Checked inputs -> (overlay, crop, caption, colour bar)."""
-        path = need(image)
-        method = checks.choice(method, METHODS, "method")
-        clf = shared.classifier(model)
-        c = clf.config
-        options = dict(
-            layer=checks.whole(layer, 1, c.depth, "layer") - 1,
-            head=None if head in (None, "", "mean") else checks.whole(head, 1, c.num_heads, "head") - 1,
-            head_fusion=checks.choice(head_fusion, HEAD_FUSIONS, "head fusion"),
-            discard_ratio=checks.fraction(discard_ratio, 0, 0.99, "discard ratio"),
-        )
+    def draw(image, method, model, layer, head, head_fusion, discard_ratio, alpha, target):
+        """Checked inputs -> (overlay, crop, caption, colour bar, class choice, the emptied score)."""
+        req = parse(shared, image, method, model, layer, head, head_fusion, discard_ratio, target)
         alpha = checks.fraction(alpha, 0, 1, "overlay opacity")
+        clf = req.clf
         try:
-            with decoding(path, clf):
-                crop, grid_map, target, logits = clf.maps(path, method, None, key=path, **options)
+            with decoding(req.path, clf):
+                crop, grid_map, t, logits = clf.maps(req.path, req.method, req.target, key=req.path, **req.options)
         except (OSError, SyntaxError) as e:
             raise checks.refusal(DAMAGED) from e
-        scale = -(-MIN_VIEW // max(crop.shape[1:]))  # small crops (28x28) are enlarged, pixels kept sharp
-        if scale > 1:
-            crop = crop.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)  # (C, H * s, W * s)
+        crop = figures.enlarge(crop)  # small crops (28x28) are enlarged, pixels kept sharp
         overlay, low, high = figures.draw(crop, grid_map, alpha)
-        p = float(probabilities(logits)[target])
-        what = "all heads of this layer" if method == "heads" else "this map"
+        p = float(probabilities(logits)[t])
+        what = "all heads of this layer" if req.method == "heads" else "this map"
         return (overlay, Image.fromarray(crop.permute(1, 2, 0).squeeze(-1).numpy()),
-                caption(method, clf.labels[target], p), figures.colour_bar(low, high, what))
+                caption(req.method, clf.labels[t], p), figures.colour_bar(low, high, what),
+                target_choices(clf, logits, t), *faith.cleared())
 
     @gpu
     def explain(
@@ -95,26 +121,31 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
         head_fusion: str = "mean",
         discard_ratio: float = DEFAULT_DISCARD_RATIO,
         alpha: float = 0.6,
+        target: str | None = None,
     ):
-        """Where the model looked, over the crop it saw. Returns the overlay (and, for the page, the rest)."""
-        overlay, *rest = draw(image, method, model, layer, head, head_fusion, discard_ratio, alpha)
+        """Where the model looked, over the crop it saw; for "relevance" and "gradient_rollout", why it chose
+        `target` (a label; empty for the top class). Returns the overlay (and, for the page, the rest)."""
+        overlay, *rest = draw(image, method, model, layer, head, head_fusion, discard_ratio, alpha, target)
         return overlay, rest
 
     @gpu
     def draw_page(image, *args):
         if image is None:
-            return None, None, "", ""
+            return None, None, "", "", no_choices(), *faith.cleared()
         return draw(image, *args)
 
     def draw_if_open(open_tab, image, *args):
+        """A new photo or model: drawn for its top class, if the tab is open."""
         if open_tab != "Attention" and image is not None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()  # drawn when the tab is opened
-        return draw_page(image, *args)
+            return (gr.skip(),) * len(outputs)  # drawn when the tab is opened
+        return draw_page(image, *args, None)
 
     def show_controls(method):
         method = checks.choice(method, METHODS, "method")
         wanted = shown_controls(method)
-        return [gr.update(visible=name in wanted) for name in controls] + [method_note(method)]
+        specific = method in CLASS_SPECIFIC
+        return ([gr.update(visible=name in wanted) for name in controls] + [method_note(method)]
+                + [gr.update(interactive=specific, info=TARGET_INFO[specific]), gr.update(interactive=method != "heads")])
 
     def reset_controls(model):
         c = shared.classifier(model).config
@@ -126,6 +157,9 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
                               interactive=False, buttons=["download", "fullscreen"])
     map_caption = gr.Markdown(elem_id="map-class")
     colour_bar = gr.HTML(figures.colour_bar(), elem_id="colour-bar")
+    target = TargetChoice([], value=None, label="Class to explain", elem_id="target", interactive=False,
+                             info=TARGET_INFO[False])
+    panel = faith.score_panel()
     method = checks.Radio(METHOD_CHOICES, value="rollout", label="Method", elem_id="method")
     about = gr.Markdown(method_note("rollout"), elem_id="method-note")
     first = shown_controls("rollout")
@@ -145,22 +179,27 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
     button = gr.Button("Explain again", variant="secondary", elem_id="explain-btn")
     crop = ResultImage(label="The crop the model saw", type="pil", format="png", elem_id="crop", interactive=False,
                        height=224)
+    faith.build_compare(shared, target, controls, controls["alpha"])
+    faith.wire_score(shared, panel, method, target, controls)
+    score_button, scores, plot = panel
     extras = gr.State()  # /explain returns just the overlay; the rest follows in a private event
 
-    outputs = [overlay, crop, map_caption, colour_bar]
+    outputs = [overlay, crop, map_caption, colour_bar, target, scores, plot]
     c = controls
-    inputs = [shared.photo, method, shared.model, c["layer"], c["head"], c["head_fusion"], c["discard_ratio"], c["alpha"]]
+    inputs = [shared.photo, method, shared.model, c["layer"], c["head"], c["head_fusion"], c["discard_ratio"], c["alpha"],
+              target]
     live = dict(api_visibility="private", show_progress_on=overlay, trigger_mode="always_last")
 
-    shared.clears(*outputs)
-    shared.on_photo(draw_if_open, [shared.open_tab, *inputs], outputs, api_name="explain_photo", show_progress_on=overlay)
+    shared.clears(overlay, crop, map_caption, colour_bar, target)
+    shared.on_photo(draw_if_open, [shared.open_tab, *inputs[:-1]], outputs, api_name="explain_photo",
+                    show_progress_on=overlay)
     shared.on_model(reset_controls, [shared.model], [c["layer"], c["head"]], api_name="explain_controls")
     button.click(explain, inputs, [overlay, extras], api_name="explain").success(
         lambda rest: rest, extras, outputs[1:], api_name="show_extras", api_visibility="private"
     )
-    method.input(show_controls, method, [*controls.values(), about], api_name="explain_method", api_visibility="private",
-                 queue=False, show_progress="hidden")
-    triggers = [control.input for control in (method, *controls.values())]
+    method.input(show_controls, method, [*controls.values(), about, target, score_button], api_name="explain_method",
+                 api_visibility="private", queue=False, show_progress="hidden")
+    triggers = [control.input for control in (method, target, *controls.values())]
     if tab is not None:
         triggers.append(tab.select)
     gr.on(triggers, draw_page, inputs, outputs, api_name="explain_live", **live)

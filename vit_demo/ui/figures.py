@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .. import explain
 
 GAP = 4  # white pixels between tiles
+MIN_VIEW = 224  # maps of smaller crops are drawn larger, by a whole factor
 
 
 def grid_columns(n: int) -> int:
@@ -75,6 +76,15 @@ def numbered_sheet(tiles: list[Image.Image], gap: int = GAP) -> Image.Image:
     for i, tile in enumerate(tiles):
         sheet.paste(number(tile, i + 1), ((i % columns) * (w + gap), (i // columns) * (h + gap)))
     return sheet
+
+
+def enlarge(crop: torch.Tensor, side: int = MIN_VIEW) -> torch.Tensor:
+    """A crop (C, H, W) smaller than `side` enlarged by the smallest whole factor that reaches it, pixels kept
+    sharp (the bundled model's 28x28 crops are drawn 224x224)."""
+    scale = -(-side // max(crop.shape[1:]))
+    if scale > 1:
+        crop = crop.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)  # (C, H * s, W * s)
+    return crop
 
 
 def draw(crop: torch.Tensor, grid_map: torch.Tensor, alpha: float) -> tuple[Image.Image, float, float]:

@@ -1,0 +1,272 @@
+"""How far a map can be trusted, on the page: the score of the map shown, the `/faithfulness` endpoint, and every
+method side by side.
+
+The score is `Classifier.faithfulness` (deletion and insertion, Petsiuk et al. 2018, per patch; see
+`vit_demo/faithfulness.py`), computed only when asked for: it costs tens to hundreds of forward passes, shown as
+progress. The random-order baseline is kept per photo and class by the Classifier, so a second method on the
+same photo costs less. The map's score is emptied whenever the map is drawn again; the comparison when the
+photo or the model changes.
+
+Public endpoint: `/faithfulness` (image, method, target, model, layer, head, head_fusion, discard_ratio) -> JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from ..explain import DEFAULT_DISCARD_RATIO
+from . import checks, figures
+from .classify import percent
+from .common import DAMAGED, Shared, gpu
+from .guard import decoding
+from .maps import MapRequest, parse
+
+# The methods the comparison draws, with the names of its tiles ("heads" draws several maps: left out).
+COMPARED = {
+    "rollout": "Attention rollout",
+    "attention": "Class-token attention",
+    "relevance": "Relevance",
+    "gradient_rollout": "Gradient-weighted rollout",
+}
+HEADS = ("Faithfulness scores one map, and this method draws one per head: pick 'Class-token attention (one layer)' "
+         "and a head to score one.")
+CURVES = {  # curve -> colour: this map's in strong colours, the random order's in pale ones
+    "deletion": "#d62728",
+    "insertion": "#1f77b4",
+    "deletion, random order": "#f2a7a7",
+    "insertion, random order": "#a9c9e6",
+}
+X, Y = "patches changed (%)", "probability"
+ABOUT = (
+    "How far can this map be trusted? Its patches are hidden, most relevant first, and revealed over a blurred "
+    "copy, while the class's probability is watched; a random order is the baseline."
+)
+COMPARE_ABOUT = (
+    "Every method's map of this photo for the class to explain, each scored the same way (layer, head and options "
+    "as set above). It costs forward passes: a few seconds on a CPU for a large model."
+)
+SMALL_CSS = "font-size: 0.85em; opacity: 0.85;"
+SCORES_CSS = """
+p {margin: 0 0 0.6em}
+.legend {display: flex; flex-wrap: wrap; gap: 2px 14px; font-size: 0.85em; margin-top: 0.4em}
+.legend i {display: inline-block; width: 14px; height: 4px; border-radius: 2px; vertical-align: middle; margin-right: 5px}
+"""
+TILES_CSS = """
+.tiles {display: grid; grid-template-columns: repeat(auto-fill, minmax(120px, 1fr)); gap: 10px}
+figure {margin: 0}
+img {width: 100%; height: auto; display: block; border-radius: 4px}
+figcaption {font-size: 0.85em; margin-top: 4px; line-height: 1.35}
+"""
+
+
+def score(req: MapRequest, progress=None) -> dict:
+    """`Classifier.faithfulness` for a checked request, progress reported in forward passes."""
+    if req.method == "heads":
+        raise checks.refusal(HEADS)
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress((done, total), desc="Scoring the map", unit="forward passes")
+
+    try:
+        with decoding(req.path, req.clf):
+            return req.clf.faithfulness(req.path, req.method, req.target, key=req.path, progress=report, **req.options)
+    except (OSError, SyntaxError) as e:
+        raise checks.refusal(DAMAGED) from e
+
+
+def public(result: dict, model: str) -> dict:
+    """What `/faithfulness` returns: the Classifier's answer and the model's display name."""
+    keep = ("method", "target", "target_index", "probability", "deletion_auc", "insertion_auc", "curves", "random",
+            "steps", "forward_passes")
+    return {"model": model, **{k: result[k] for k in keep}}
+
+
+def verdict(result: dict) -> str:
+    """How the map compares with a random order, on the figures as shown (three decimals)."""
+    rnd = result["random"]
+    wins = ((round(result["deletion_auc"], 3) < round(rnd["deletion_auc"], 3))
+            + (round(result["insertion_auc"], 3) > round(rnd["insertion_auc"], 3)))
+    return ("This map does no better than a random order here.",
+            "This map beats a random order on one of the two.",
+            "This map beats a random order on both.")[wins]
+
+
+def scores_html(result: dict) -> str:
+    """The two AUCs with one sentence each, the random order's beside them, what they cost, and the plot's key."""
+    rnd, target = result["random"], html.escape(result["target"])
+    legend = "".join(f'<span><i style="background:{colour}"></i>{name}</span>' for name, colour in CURVES.items())
+    return (
+        f"<p><b>Deletion AUC {result['deletion_auc']:.3f}</b> (random order {rnd['deletion_auc']:.3f}). Lower is "
+        f"better: hiding the patches this map ranks first should make <i>{target}</i> fall at once.</p>"
+        f"<p><b>Insertion AUC {result['insertion_auc']:.3f}</b> (random order {rnd['insertion_auc']:.3f}). Higher "
+        "is better: revealing those patches first, over a blurred copy, should bring it back at once.</p>"
+        f"<p>{verdict(result)} <small>{result['steps']} steps per curve, {result['forward_passes']} forward passes; "
+        f"{target} has {percent(result['probability'])} on the whole crop.</small></p>"
+        f'<div class="legend">{legend}</div>'
+    )
+
+
+def curves(result: dict) -> pd.DataFrame:
+    """Both curves of the map and of the random order, long form: one row per point."""
+    rows = []
+    for suffix, res in (("", result), (", random order", result["random"])):
+        c = res["curves"]
+        for kind in ("deletion", "insertion"):
+            rows += [{X: 100 * x, Y: p, "curve": kind + suffix} for x, p in zip(c["x"], c[kind])]
+    return pd.DataFrame(rows)
+
+
+def hidden_plot() -> gr.LinePlot:
+    return gr.LinePlot(value=None, visible=False)
+
+
+def cleared() -> tuple:
+    """The map's score emptied, for every event that draws a new map: (scores, plot)."""
+    return "", hidden_plot()
+
+
+def score_panel() -> tuple:
+    """Lays out the map's score, to go under the map: (button, scores, plot)."""
+    gr.HTML(ABOUT, elem_id="faith-about", css_template=SMALL_CSS)
+    button = gr.Button("Score this map", variant="secondary", elem_id="faith-btn")
+    scores = gr.HTML(elem_id="faith-scores", css_template=SCORES_CSS)
+    plot = gr.LinePlot(
+        x=X, y=Y, color="curve", color_map=CURVES, colors_in_legend=[],  # the key is in `scores`: it wraps on phones
+        x_title=X, y_title="probability of the class", x_lim=[0, 100], y_lim=[0, None], tooltip="all",
+        label="Deletion and insertion curves", show_label=False, elem_id="faith-plot", height=240, visible=False,
+    )
+    return button, scores, plot
+
+
+def wire_score(shared: Shared, panel: tuple, method, target, controls: dict) -> None:
+    """Wires the score panel and the public `/faithfulness` endpoint.
+
+    Args:
+        shared: the page's photo, model choice and hooks.
+        panel: what `score_panel` laid out.
+        method, target: the Attention tab's method and class choices.
+        controls: the tab's controls by option name (layer, head, head_fusion, discard_ratio).
+    """
+    default = shared.display(shared.registry.default)
+    c = controls
+
+    @gpu
+    def faithfulness(
+        image: str,
+        method: str = "rollout",
+        target: str | None = None,
+        model: str = default,
+        layer: int = c["layer"].value,
+        head: str = "mean",
+        head_fusion: str = "mean",
+        discard_ratio: float = DEFAULT_DISCARD_RATIO,
+        progress=gr.Progress(),
+    ):
+        """How far one map can be trusted: deletion and insertion AUCs for the target class (empty: the top
+        class), with a random patch order's beside them. Only the options `method` reads are checked.
+
+        Returns:
+            {"model", "method", "target" (label), "target_index", "probability", "deletion_auc" (lower is
+             better), "insertion_auc" (higher is better), "curves": {"x", "deletion", "insertion"},
+             "random": {"deletion_auc", "insertion_auc", "curves"}, "steps", "forward_passes"}.
+        """
+        req = parse(shared, image, method, model, layer, head, head_fusion, discard_ratio, target)
+        result = score(req, progress)
+        return public(result, shared.display_name(model)), (scores_html(result), gr.LinePlot(value=curves(result), visible=True))
+
+    button, scores, plot = panel
+    data = gr.JSON(label="Faithfulness", visible=False, elem_id="faith-data")  # what /faithfulness returns
+    view = gr.State()  # the page's view of the same answer (gradio_client does not see State)
+    inputs = [shared.photo, method, target, shared.model, c["layer"], c["head"], c["head_fusion"], c["discard_ratio"]]
+    button.click(faithfulness, inputs, [data, view], api_name="faithfulness", show_progress_on=scores,
+                 concurrency_limit=2, concurrency_id="faithfulness").success(
+        lambda v: v, view, [scores, plot], api_name="show_faithfulness", api_visibility="private"
+    )
+    shared.clears(scores)
+    for changed, name in ((shared.photo.change, "faith_clear_photo"), (shared.model.input, "faith_clear_model")):
+        changed(hidden_plot, None, plot, queue=False, api_name=name, api_visibility="private", show_progress="hidden")
+
+
+def build_compare(shared: Shared, target, controls: dict, alpha) -> None:
+    """An accordion that draws and scores every method of COMPARED for this photo, side by side."""
+
+    @gpu
+    def compare(image, target, model, layer, head, head_fusion, discard_ratio, alpha, progress=gr.Progress()):
+        alpha = checks.fraction(alpha, 0, 1, "overlay opacity")
+        reqs = [parse(shared, image, m, model, layer, head, head_fusion, discard_ratio, target) for m in COMPARED]
+        tiles, results = [], []
+        for i, req in enumerate(reqs):
+            name = COMPARED[req.method]
+            if req.method == "attention":
+                name += f", layer {req.options['layer'] % req.clf.config.depth + 1}"
+
+            def report(done, total, i=i, name=name):
+                progress(min((i + done / max(total, 1)) / len(reqs), 1.0), desc=f"Scoring {name}")
+
+            progress(i / len(reqs), desc=f"Scoring {name}")
+            try:
+                with decoding(req.path, req.clf):
+                    crop, grid_map, _, _ = req.clf.maps(req.path, req.method, req.target, key=req.path, **req.options)
+                    result = req.clf.faithfulness(req.path, req.method, req.target, key=req.path, progress=report,
+                                                  **req.options)
+            except (OSError, SyntaxError) as e:
+                raise checks.refusal(DAMAGED) from e
+            tiles.append((figures.draw(figures.enlarge(crop), grid_map, alpha)[0], name, result))
+            results.append((name, result))
+        return tiles_html(tiles), compare_table(results)
+
+    with gr.Accordion("Compare methods", open=False, elem_id="compare"):
+        gr.HTML(COMPARE_ABOUT, css_template=SMALL_CSS)
+        button = gr.Button("Draw and score every method", variant="secondary", elem_id="compare-btn", size="sm")
+        tiles = gr.HTML(elem_id="compare-maps", css_template=TILES_CSS)
+        table = gr.Markdown(elem_id="compare-table")
+
+    c = controls
+    inputs = [shared.photo, target, shared.model, c["layer"], c["head"], c["head_fusion"], c["discard_ratio"], alpha]
+    button.click(compare, inputs, [tiles, table], api_name="compare", api_visibility="private",
+                 show_progress_on=tiles, concurrency_limit=2, concurrency_id="faithfulness")
+    shared.clears(tiles, table)
+
+
+def _data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def tiles_html(tiles: list[tuple[Image.Image, str, dict]]) -> str:
+    """One tile per method: its map (inline, so no file is written for it), its name and its two AUCs."""
+    figures_ = "".join(
+        f'<figure><img src="{_data_url(image)}" alt="{html.escape(name)}"><figcaption><b>{html.escape(name)}</b><br>'
+        f"deletion {r['deletion_auc']:.3f} · insertion {r['insertion_auc']:.3f}</figcaption></figure>"
+        for image, name, r in tiles
+    )
+    return f'<div class="tiles">{figures_}</div>'
+
+
+def compare_table(results: list[tuple[str, dict]]) -> str:
+    """The AUCs of every method and of a random order, as a Markdown table; the best of each column in bold."""
+    first = results[0][1]
+    rows = [(name, r["deletion_auc"], r["insertion_auc"]) for name, r in results]
+    rows.append(("*random order*", first["random"]["deletion_auc"], first["random"]["insertion_auc"]))
+    best_deletion = min(round(d, 3) for _, d, _ in rows)
+    best_insertion = max(round(i, 3) for _, _, i in rows)
+
+    def cell(value: float, best: float) -> str:
+        return f"**{value:.3f}**" if round(value, 3) == best else f"{value:.3f}"
+
+    lines = ["| method | deletion AUC ↓ | insertion AUC ↑ |", "|---|---:|---:|"]
+    lines += [f"| {name} | {cell(d, best_deletion)} | {cell(i, best_insertion)} |" for name, d, i in rows]
+    passes = sum(r["forward_passes"] for _, r in results)
+    return (
+        f"Scored for the class **{first['target']}** ({percent(first['probability'])} on the whole crop), "
+        f"{first['steps']} steps per curve, {passes} forward passes. Deletion: lower is better; insertion: higher "
+        "is better.\n\n" + "\n".join(lines)
+    )

@@ -1,0 +1,82 @@
+"""What a request for a map asks, checked: the method, the options it reads, and the class to explain.
+
+Shared by the Attention tab's map, its faithfulness score and the comparison of methods, so that `/explain`,
+`/faithfulness` and the page refuse the same inputs with the same sentences. Only the options a method reads
+are checked (explain.OPTIONS), so a layer left at another model's default does not refuse a rollout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..classifier import Classifier
+from ..explain import HEAD_FUSIONS, METHODS, OPTIONS
+from . import checks
+from .common import Shared, need
+
+MAX_LABEL_CHARS = 300  # longer class names are refused without being looked up
+NOT_TEXT = "The class to explain must be given as its label in text, such as 'Sandal', or left empty for the top class."
+
+
+@dataclass
+class MapRequest:
+    """A checked request: the photo's path (admitted by the guard), the model, and the map it asks for."""
+
+    path: str
+    clf: Classifier
+    method: str
+    options: dict  # the options `method` reads, in Classifier.maps's terms (layers and heads counted from 0)
+    target: int | None  # None: the top class
+
+
+def target_class(clf: Classifier, value) -> int | None:
+    """The class a request names (a label, as the model spells it or in any case), or None for the top class.
+
+    An empty value means the top class. Anything else that is not one of the model's classes is refused in one
+    sentence that quotes it cut short (the library's own message would quote it whole).
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise checks.refusal(NOT_TEXT)
+    if len(value) <= MAX_LABEL_CHARS:
+        try:
+            return clf.target_index(value)
+        except ValueError:
+            pass
+    raise checks.refusal(
+        f"'{checks.short(value)}' is not one of this model's {len(clf.labels):,} classes: give a label as /classify "
+        "names it, or leave the class empty for the top one."
+    )
+
+
+def map_options(clf: Classifier, method: str, layer, head, head_fusion, discard_ratio) -> dict:
+    """The options `method` reads, checked against `clf`; layer and head come counted from 1 (None or "" for
+    the last layer, "mean" or None for the mean of the heads)."""
+    c, wanted, options = clf.config, OPTIONS[method], {}
+    if "layer" in wanted:
+        options["layer"] = -1 if layer in (None, "") else checks.whole(layer, 1, c.depth, "layer") - 1
+    if "head" in wanted:
+        options["head"] = None if head in (None, "", "mean") else checks.whole(head, 1, c.num_heads, "head") - 1
+    if "head_fusion" in wanted:
+        options["head_fusion"] = checks.choice(head_fusion, HEAD_FUSIONS, "head fusion")
+    if "discard_ratio" in wanted:
+        options["discard_ratio"] = checks.fraction(discard_ratio, 0, 0.99, "discard ratio")
+    return options
+
+
+def parse(shared: Shared, image, method, model, layer, head, head_fusion, discard_ratio, target) -> MapRequest:
+    """Every input of a map request, checked in the order a visitor would fix them: photo, method, model,
+    options, class."""
+    path = need(image)
+    method = checks.choice(method, METHODS, "method")
+    clf = shared.classifier(model)
+    options = map_options(clf, method, layer, head, head_fusion, discard_ratio)
+    return MapRequest(path, clf, method, options, target_class(clf, target))
+
+
+def target_value(clf: Classifier, index: int) -> str:
+    """What names class `index` as a target: its label, or its index in text where an earlier class has the
+    same label (ImageNet has two "crane"s)."""
+    label = clf.labels[index]
+    return label if clf.target_index(label) == index else str(index)
