@@ -37,7 +37,7 @@ def _data_url(image: Image.Image, fmt: str = "JPEG", **save) -> str:
 def _refused(url) -> str:
     import gradio as gr
 
-    from vit_demo.ui.live import read_frame
+    from vit_demo.ui.guard import read_frame
 
     with pytest.raises(gr.Error) as e:
         read_frame(url)
@@ -45,7 +45,7 @@ def _refused(url) -> str:
 
 
 def test_a_webcam_frame_is_read_from_its_header():
-    from vit_demo.ui.live import read_frame
+    from vit_demo.ui.guard import read_frame
 
     frame = read_frame(_data_url(Image.new("RGB", (640, 480), "red"), quality=92))
     assert (frame.format, frame.size, frame.mode) == ("JPEG", (640, 480), "RGB")
@@ -57,7 +57,7 @@ def test_a_webcam_frame_is_read_from_its_header():
 
 
 def test_frames_that_are_not_webcam_frames_are_refused_in_one_sentence():
-    from vit_demo.ui.live import NOT_A_FRAME, TOO_LARGE, UNREADABLE
+    from vit_demo.ui.guard import FRAME_TOO_LARGE as TOO_LARGE, FRAME_UNREADABLE as UNREADABLE, NOT_A_FRAME
 
     png = _data_url(Image.new("RGB", (8, 8)), "PNG")
     assert _refused(None) == NOT_A_FRAME
@@ -87,7 +87,7 @@ def test_frames_that_are_not_webcam_frames_are_refused_in_one_sentence():
 def test_a_damaged_frame_is_refused_when_decoded():
     import gradio as gr
 
-    from vit_demo.ui.live import UNREADABLE, read_frame
+    from vit_demo.ui.guard import FRAME_UNREADABLE as UNREADABLE, read_frame
 
     url = _data_url(Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)))
     data = base64.b64decode(url.split(",", 1)[1])
@@ -428,7 +428,7 @@ def _join(app, frame_url: str, session: str) -> dict:
 def test_the_live_event_answers_a_frame_and_refuses_a_hostile_one(app):
     """The event itself, called without the page: a frame is answered with the model's top classes for it; a frame
     over 4 megapixels ends the stream with the sentence that says so (it is refused from its header)."""
-    from vit_demo.ui.live import TOO_LARGE
+    from vit_demo.ui.guard import FRAME_TOO_LARGE as TOO_LARGE
 
     photo = Image.open(EXAMPLES / "chelsea.jpg").convert("RGB").resize((320, 240), Image.BICUBIC)
     url = _data_url(photo, quality=92)

@@ -5,17 +5,23 @@ Every event that takes the photo (public endpoints, private follow-ups, the uplo
 webcam, or picked from the examples) and refuses anything else before opening it. Its header is read to refuse
 decompression bombs, and the memory its decoding will take is estimated from the header: `decoding` holds that
 much of a budget shared by every event, so that a burst of large images waits instead of exhausting memory.
-Results are written under names of their own (`ResultImage`), never over a file someone may be downloading.
+Live webcam frames arrive as data: URLs rather than uploads; `LiveFrame` reads their header the same way (type,
+size, mode) before anything decodes them, and the stream decodes them under the same budget. Results are written
+under names of their own (`ResultImage`), never over a file someone may be downloading.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import ctypes
+import io
 import os
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -180,3 +186,81 @@ def save_once(image: Image.Image, cache_dir: str, name: str = "image.png") -> st
             os.remove(staging)
         raise
     return str(path)
+
+
+# Live webcam frames: the streaming input sends data: URLs, checked here like uploads.
+MAX_FRAME_MEGAPIXELS = 4
+MAX_FRAME_BYTES = 8 * 1024**2  # encoded; the request limit (server.BODY_BYTES) is tighter still
+FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+MODES = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2, "P": 1, "CMYK": 4, "YCbCr": 3}  # 8-bit modes, bytes per pixel
+NOT_A_FRAME = ("Live mode takes webcam frames from the page as JPEG, PNG or WebP data URLs: start the webcam in "
+               "the Live tab (to classify a file, use /classify).")
+FRAME_UNREADABLE = "A webcam frame could not be read as a JPEG, PNG or WebP image: start the webcam again."
+FRAME_TOO_LARGE = (f"This webcam frame has more than {MAX_FRAME_MEGAPIXELS} megapixels: set the camera to a lower "
+             "resolution (640x480 is plenty) and start again.")
+
+
+@dataclass
+class Frame:
+    """One webcam frame whose header has been read and checked; its pixels are not decoded yet."""
+
+    data: bytes
+    format: str  # "JPEG", "PNG" or "WEBP"
+    size: tuple[int, int]  # (width, height)
+    mode: str
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes its decoded pixels take."""
+        return self.size[0] * self.size[1] * MODES[self.mode]
+
+    def decode(self) -> Image.Image:
+        try:
+            image = Image.open(io.BytesIO(self.data), formats=[self.format])
+            image.load()
+            return image
+        except (UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
+            raise refusal(FRAME_UNREADABLE) from e
+
+
+def read_frame(url) -> Frame:
+    """A webcam frame sent as a data: URL -> its checked header and bytes (see the module doc).
+
+    Args:
+        url: "data:image/jpeg;base64,..." (or image/png, image/webp), as the page's webcam sends it.
+    Returns:
+        the Frame, not yet decoded.
+    Raises:
+        gr.Error: anything else, an unreadable image, or one over MAX_FRAME_MEGAPIXELS; one sentence each.
+    """
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise refusal(NOT_A_FRAME)
+    head, _, body = url.partition(",")
+    mime, _, encoding = head[len("data:"):].partition(";")
+    if mime not in FORMATS or encoding != "base64" or len(body) > MAX_FRAME_BYTES * 4 // 3 + 4:
+        raise refusal(NOT_A_FRAME)
+    try:
+        data = base64.b64decode(body, validate=True)
+        with Image.open(io.BytesIO(data), formats=[FORMATS[mime]]) as im:  # the header only, of the type it claims
+            fmt, size, mode = im.format, im.size, im.mode
+    except Image.DecompressionBombError as e:
+        raise refusal(FRAME_TOO_LARGE) from e
+    except (binascii.Error, UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
+        raise refusal(FRAME_UNREADABLE) from e
+    if size[0] * size[1] > MAX_FRAME_MEGAPIXELS * 1_000_000:
+        raise refusal(FRAME_TOO_LARGE)
+    if mode not in MODES or min(size) < 1:
+        raise refusal(FRAME_UNREADABLE)
+    return Frame(data, fmt, size, mode)
+
+
+class LiveFrame(gr.Image):
+    """The streaming webcam input: each frame is checked by `read_frame` before anything decodes it."""
+
+    def get_block_name(self) -> str:
+        return "image"
+
+    def preprocess(self, payload) -> Frame | None:
+        if payload is None:
+            return None
+        return read_frame(getattr(payload, "url", None) if not isinstance(payload, dict) else payload.get("url"))

@@ -16,7 +16,7 @@ Each frame goes through `Classifier.predict`, whose runtime batches concurrent c
 share forward passes. With the map on, one pass of the explicit attention path gives both the classes and the
 map (that path returns the attention maps, which the batched runtime does not).
 
-Frames are hostile input like any upload: `LiveFrame` takes only a JPEG, PNG or WebP data: URL, reads its header
+Frames are hostile input like any upload: `guard.LiveFrame` takes only a JPEG, PNG or WebP data: URL, reads its header
 before decoding, refuses frames over MAX_FRAME_MEGAPIXELS, and decodes under the page's decode budget. The map
 leaves inline (`LiveMap`, a data: URL): a stream writes nothing to the cache.
 """
@@ -24,107 +24,27 @@ leaves inline (`LiveMap`, a data: URL): a stream writes nothing to the cache.
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import time
-from dataclasses import dataclass
 
 import gradio as gr
 import torch
 from gradio.data_classes import ImageData
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .. import explain
 from ..runtime import MAX_BATCH
-from .checks import refusal
 from .common import Shared, gpu
-from .guard import BUDGET
+from .guard import BUDGET, Frame, LiveFrame
 
 FRAME_EVERY_S = 0.04  # the page sends a frame this often (25 a second)
 LIVE_SECONDS = 60  # a stream goes back to the queue this often (the page rejoins at once)
 MAX_STREAMS = MAX_BATCH  # live streams served at once; more visitors wait in the queue
 TOP_K = 5
-MAX_FRAME_MEGAPIXELS = 4
-MAX_FRAME_BYTES = 8 * 1024**2  # encoded; the request limit (server.BODY_BYTES) is tighter still
 MIN_VIEW = 224  # maps of smaller crops are drawn larger, by a whole factor
-FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
-MODES = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2, "P": 1, "CMYK": 4, "YCbCr": 3}  # 8-bit modes, bytes per pixel
 # The camera is asked for 320x240: enough for a 224-pixel crop, and 25 frames a second take about 1.5 MB/s of the
 # visitor's upload rather than 4.4 at 640x480 (a camera without the mode gives its nearest).
 CONSTRAINTS = {"video": {"width": {"ideal": 320}, "height": {"ideal": 240}}}
-
-NOT_A_FRAME = ("Live mode takes webcam frames from the page as JPEG, PNG or WebP data URLs: start the webcam in "
-               "the Live tab (to classify a file, use /classify).")
-UNREADABLE = "A webcam frame could not be read as a JPEG, PNG or WebP image: start the webcam again."
-TOO_LARGE = (f"This webcam frame has more than {MAX_FRAME_MEGAPIXELS} megapixels: set the camera to a lower "
-             "resolution (640x480 is plenty) and start again.")
-
-
-@dataclass
-class Frame:
-    """One webcam frame whose header has been read and checked; its pixels are not decoded yet."""
-
-    data: bytes
-    format: str  # "JPEG", "PNG" or "WEBP"
-    size: tuple[int, int]  # (width, height)
-    mode: str
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes its decoded pixels take."""
-        return self.size[0] * self.size[1] * MODES[self.mode]
-
-    def decode(self) -> Image.Image:
-        try:
-            image = Image.open(io.BytesIO(self.data), formats=[self.format])
-            image.load()
-            return image
-        except (UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
-            raise refusal(UNREADABLE) from e
-
-
-def read_frame(url) -> Frame:
-    """A webcam frame sent as a data: URL -> its checked header and bytes (see the module doc).
-
-    Args:
-        url: "data:image/jpeg;base64,..." (or image/png, image/webp), as the page's webcam sends it.
-    Returns:
-        the Frame, not yet decoded.
-    Raises:
-        gr.Error: anything else, an unreadable image, or one over MAX_FRAME_MEGAPIXELS; one sentence each.
-    """
-    if not isinstance(url, str) or not url.startswith("data:"):
-        raise refusal(NOT_A_FRAME)
-    head, _, body = url.partition(",")
-    mime, _, encoding = head[len("data:"):].partition(";")
-    if mime not in FORMATS or encoding != "base64" or len(body) > MAX_FRAME_BYTES * 4 // 3 + 4:
-        raise refusal(NOT_A_FRAME)
-    try:
-        data = base64.b64decode(body, validate=True)
-        with Image.open(io.BytesIO(data), formats=[FORMATS[mime]]) as im:  # the header only, of the type it claims
-            fmt, size, mode = im.format, im.size, im.mode
-    except Image.DecompressionBombError as e:
-        raise refusal(TOO_LARGE) from e
-    except (binascii.Error, UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
-        raise refusal(UNREADABLE) from e
-    if size[0] * size[1] > MAX_FRAME_MEGAPIXELS * 1_000_000:
-        raise refusal(TOO_LARGE)
-    if mode not in MODES or min(size) < 1:
-        raise refusal(UNREADABLE)
-    return Frame(data, fmt, size, mode)
-
-
-class LiveFrame(gr.Image):
-    """The streaming webcam input: each frame is checked by `read_frame` before anything decodes it."""
-
-    def get_block_name(self) -> str:
-        return "image"
-
-    def preprocess(self, payload) -> Frame | None:
-        if payload is None:
-            return None
-        return read_frame(getattr(payload, "url", None) if not isinstance(payload, dict) else payload.get("url"))
-
 
 class LiveMap(gr.Image):
     """An output image sent inline as a JPEG data: URL: a stream makes one per frame, none is written to disk."""
