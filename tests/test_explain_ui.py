@@ -297,7 +297,7 @@ def _drawn(clf, path: str, method: str, target: str) -> np.ndarray:
 def test_choosing_the_second_class_redraws_the_map_and_scores_it(browser, served, bundled, size):
     """Classify a sneaker, ask for relevance, choose the runner-up class: the map changes to the library's map of
     that class; "Score this map" shows both AUCs (the library's, to three decimals) and the curves; "Compare
-    methods" draws and scores every method."""
+    methods" draws and scores every method for the chosen class."""
     from playwright.sync_api import expect
 
     phone = size == "phone"
@@ -354,13 +354,22 @@ def test_choosing_the_second_class_redraws_the_map_and_scores_it(browser, served
         expect(scores).to_have_text("", timeout=WAIT_MS)
         expect(page.locator("#faith-plot")).to_be_hidden()
 
+        # A class-agnostic method keeps the chosen class for later, but names the model's answer as its class.
+        target.locator("input").click()
+        page.get_by_role("option").filter(has_text=second).first.click()
+        expect(page.locator("#map-class")).to_contain_text(f"This map explains the class {second}", timeout=WAIT_MS)
+        page.locator("#method label", has_text="Attention rollout").click()
+        expect(page.locator("#map-class")).to_contain_text("The model's answer: Sneaker", timeout=WAIT_MS)
+        expect(target.locator("input")).to_have_value(re.compile(rf"^{second} \("))
+        expect(target.locator("input")).to_be_disabled()
+
         page.locator("#compare").get_by_text("Compare methods").click()
         page.locator("#compare-btn").click()
         table = page.locator("#compare-table")
         expect(table).to_contain_text("random order", timeout=WAIT_MS)
-        expect(table).to_contain_text("Scored for the class Sneaker")
+        expect(table).to_contain_text(f"Scored for the class {second}")
         expect(page.locator("#compare-maps img")).to_have_count(4, timeout=WAIT_MS)
-        want = bundled.faithfulness(Image.open(SNEAKER), "gradient_rollout", target="Sneaker", discard_ratio=0.9)
+        want = bundled.faithfulness(Image.open(SNEAKER), "gradient_rollout", target=second, discard_ratio=0.9)
         expect(table).to_contain_text(f"{want['deletion_auc']:.3f}")
         page.locator("#compare-maps").scroll_into_view_if_needed()
         _shot(page, f"explain-{size}-4-compare.png")

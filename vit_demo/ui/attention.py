@@ -105,10 +105,11 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
             raise checks.refusal(DAMAGED) from e
         crop = figures.enlarge(crop)  # small crops (28x28) are enlarged, pixels kept sharp
         overlay, low, high = figures.draw(crop, grid_map, alpha)
-        p = float(probabilities(logits)[t])
+        named = t if req.method in CLASS_SPECIFIC else int(logits.argmax())  # the others name the model's answer
+        p = float(probabilities(logits)[named])
         what = "all heads of this layer" if req.method == "heads" else "this map"
         return (overlay, Image.fromarray(crop.permute(1, 2, 0).squeeze(-1).numpy()),
-                caption(req.method, clf.labels[t], p), figures.colour_bar(low, high, what),
+                caption(req.method, clf.labels[named], p), figures.colour_bar(low, high, what),
                 target_choices(clf, logits, t), *faith.cleared())
 
     @gpu
