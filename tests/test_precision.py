@@ -84,6 +84,12 @@ def test_auto_on_gpus_and_other_devices(auto, monkeypatch):
     assert runtime.inference_dtype(torch.device("mps")) == torch.float32
 
 
+def test_a_gpu_that_only_emulates_bfloat16_gets_float32(auto, monkeypatch):
+    """Pre-Ampere GPUs (a T4, a V100) emulate bfloat16: torch's check says yes unless emulation is left out."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert runtime.inference_dtype(CUDA) == torch.float32
+
+
 def test_zerogpu_gets_bfloat16_without_querying_the_gpu(auto, monkeypatch):
     def no_gpu(*a, **k):
         raise AssertionError("the GPU was queried outside a ZeroGPU call")

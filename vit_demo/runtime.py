@@ -51,7 +51,7 @@ def inference_dtype(device: torch.device, config=None) -> torch.dtype:
     if device.type == "cuda":
         if os.environ.get("SPACES_ZERO_GPU"):  # ZeroGPU lends its (bfloat16-capable) GPUs only inside calls: no query here
             return torch.bfloat16
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
     if device.type != "cpu":
         return torch.float32  # MPS and others: bfloat16 missing, partial or slower
     support = cpu_bf16_support()
