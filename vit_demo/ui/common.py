@@ -15,7 +15,7 @@ import gradio as gr
 import torch
 
 from ..classifier import Classifier
-from ..hub import ModelLoadError
+from ..hub import ModelLoadError, looks_local
 from ..registry import BUNDLED, BUNDLED_NAME, Registry
 from .checks import model_name, refusal
 
@@ -32,7 +32,7 @@ DAMAGED = "This file could not be read as an image (it may be truncated or damag
 
 def is_local(name: str) -> bool:
     """Whether a registry name is a folder or file on this server (not a Hub id, not the bundled model)."""
-    return name != BUNDLED_NAME and (os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name))
+    return name != BUNDLED_NAME and looks_local(name)
 
 
 def display_names(names: list[str]) -> dict[str, str]:
