@@ -51,13 +51,14 @@ COMPARE_ABOUT = (
     "Every method's map of this photo for the class to explain, each scored the same way (layer, head and options "
     "as set above). It costs forward passes: a few seconds on a CPU for a large model."
 )
+ROOM = "min-height: 64px;"  # the progress bar shows in these components while they are empty
 SMALL_CSS = "font-size: 0.85em; opacity: 0.85;"
-SCORES_CSS = """
+SCORES_CSS = ROOM + """
 p {margin: 0 0 0.6em}
 .legend {display: flex; flex-wrap: wrap; gap: 2px 14px; font-size: 0.85em; margin-top: 0.4em}
 .legend i {display: inline-block; width: 14px; height: 4px; border-radius: 2px; vertical-align: middle; margin-right: 5px}
 """
-TILES_CSS = """
+TILES_CSS = ROOM + """
 .tiles {display: grid; grid-template-columns: repeat(auto-fill, minmax(120px, 1fr)); gap: 10px}
 figure {margin: 0}
 img {width: 100%; height: auto; display: block; border-radius: 4px}
@@ -72,7 +73,7 @@ def score(req: MapRequest, progress=None) -> dict:
 
     def report(done: int, total: int) -> None:
         if progress is not None:
-            progress((done, total), desc="Scoring the map", unit="forward passes")
+            progress((done, total), desc="Scoring the map: forward passes", unit="passes")
 
     try:
         with decoding(req.path, req.clf):
