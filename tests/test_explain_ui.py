@@ -294,10 +294,10 @@ def _drawn(clf, path: str, method: str, target: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("size", list(SIZES))
-def test_choosing_the_second_class_redraws_the_map_and_scores_it(browser, served, bundled, size):
+def test_choosing_the_second_class_redraws_the_map_and_scores_it(browser, served, bundled, fruit, size):
     """Classify a sneaker, ask for relevance, choose the runner-up class: the map changes to the library's map of
     that class; "Score this map" shows both AUCs (the library's, to three decimals) and the curves; "Compare
-    methods" draws and scores every method for the chosen class."""
+    methods" draws and scores every method for the chosen class; another model refills the choice."""
     from playwright.sync_api import expect
 
     phone = size == "phone"
@@ -373,6 +373,17 @@ def test_choosing_the_second_class_redraws_the_map_and_scores_it(browser, served
         expect(table).to_contain_text(f"{want['deletion_auc']:.3f}")
         page.locator("#compare-maps").scroll_into_view_if_needed()
         _shot(page, f"explain-{size}-4-compare.png")
+
+        # Another model: the class choice is refilled with its top classes, its top one selected.
+        page.locator("#model input").click()
+        page.get_by_role("option", name="fruit", exact=True).click()
+        top = fruit.predict(Image.open(SNEAKER), k=5)
+        expect(target.locator("input")).to_have_value(re.compile(rf"^{top[0][0]} \("), timeout=WAIT_MS)
+        expect(page.locator("#map-class")).to_contain_text(f"The model's answer: {top[0][0]}")
+        page.locator("#method label", has_text="Relevance (Chefer et al. 2021)").click()
+        expect(page.locator("#map-class")).to_contain_text(f"This map explains the class {top[0][0]}", timeout=WAIT_MS)
+        target.locator("input").click()
+        expect(page.get_by_role("option")).to_have_text([re.compile(rf"^\W*{re.escape(label)} \(") for label, _ in top])
     finally:
         context.close()
 
