@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from vit_demo.convert import to_torchvision, to_transformers  # noqa: E402
 from vit_demo.model import ViTConfig, VisionTransformer  # noqa: E402
 from vit_demo.runtime import GraphedForward, Runtime  # noqa: E402
+from sections import write_section  # noqa: E402  (bench/, beside this script)
 
 
 def contenders(device: str, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
@@ -368,8 +369,6 @@ def machine() -> dict:
 def write_markdown(results: dict, path: Path) -> None:
     m, v = results["machine"], results["versions"]
     lines = [
-        "# Benchmarks",
-        "",
         f"Written by `python bench/bench.py` on {results['date']}. Nothing here is typed by hand.",
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); GPU: {m['gpu'] or 'none'}",
@@ -417,8 +416,8 @@ def write_markdown(results: dict, path: Path) -> None:
             f"| peak resident memory of the server | {w['peak_rss_mb']:.0f} MB |",
             "",
         ]
-    lines += ["## Targets", ""] + [f"- {t}" for t in results.get("targets", [])] + [""]
-    path.write_text("\n".join(lines))
+    lines += ["## Targets", ""] + [f"- {t}" for t in results.get("targets", [])]
+    write_section(path, "bench", "\n".join(lines))
 
 
 def _verdict(ok: bool, how_far: str) -> str:

@@ -34,7 +34,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-START, END = "<!-- live:start -->", "<!-- live:end -->"
+from sections import write_section  # noqa: E402  (bench/, beside this script)
+
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -244,7 +245,6 @@ def section(r: dict) -> str:
     c = r["cpu"]
     has = lambda flag: "has" if flag else "lacks"  # noqa: E731
     lines = [
-        START,
         "## Live mode: frames answered per second through the streaming event",
         "",
         f"Written by `python bench/live.py` on {r['date']}. Nothing here is typed by hand.",
@@ -283,18 +283,8 @@ def section(r: dict) -> str:
         if goal:
             notes.append(f"{m['label']}: {m['plain']['answered_per_s']:.1f} frames/s (goal on a CPU with AMX: {goal})")
     where = "this CPU has AMX" if c["amx"] else "this CPU lacks AMX, so the goals, set for CPUs with AMX, do not apply here"
-    lines += [f"Goals: {'; '.join(notes)}. {where[0].upper() + where[1:]}.", "", END]
+    lines += [f"Goals: {'; '.join(notes)}. {where[0].upper() + where[1:]}."]
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path) -> None:
-    """Replaces this script's section of `path` (between its markers), or appends it; the rest stays as it is."""
-    old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
 
 
 def main() -> None:
@@ -321,7 +311,7 @@ def main() -> None:
             result = stream(pw, model, y4m, tmp, seconds, args.map_seconds)
             r["models"].append({"label": label, **result})
     r["load_end"] = os.getloadavg()[0]
-    write_section(section(r), args.out)
+    write_section(args.out, "live", section(r))
     print(f"wrote the live section of {args.out}")
 
 

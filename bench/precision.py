@@ -43,7 +43,8 @@ from vit_demo.preprocess import Preprocessor, from_timm  # noqa: E402
 from vit_demo.registry import BUNDLED  # noqa: E402
 from vit_demo.runtime import Runtime, cpu_bf16_support, cpu_bf16_time_ratio, inference_dtype  # noqa: E402
 
-START, END = "<!-- precision:start -->", "<!-- precision:end -->"
+from sections import write_section  # noqa: E402  (bench/, beside this script)
+
 T10K = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 PHOTOS = sorted((ROOT / "examples").glob("*.jpg"))
 
@@ -179,7 +180,6 @@ def section(r: dict) -> str:
              else f"wall-clock, {r['threads']} torch threads")
     yes = lambda b: "yes" if b else "no"  # noqa: E731
     lines = [
-        START,
         "## Precision on the CPU",
         "",
         f"Written by `python bench/precision.py` on {r['date']}, in one run. Nothing here is typed by hand.",
@@ -225,19 +225,8 @@ def section(r: dict) -> str:
         "",
         "int8: not measured. `torch.ao.quantization.quantize_dynamic` is deprecated and announced for removal;"
         " torch's maintained int8 path is the separate torchao package, which vit_demo does not depend on.",
-        END,
     ]
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path) -> None:
-    """Replaces this script's section of `path` (between its markers), or appends it; the rest stays as it is."""
-    old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
 
 
 def main() -> None:
@@ -259,7 +248,7 @@ def main() -> None:
     r["speed"] = speed(args.repeats, not args.no_compile)
     print(json.dumps(r["speed"], indent=1), flush=True)
     r["load"].append(os.getloadavg()[0])
-    write_section(section(r), args.out)
+    write_section(args.out, "precision", section(r))
     print(f"wrote the precision section of {args.out}")
 
 
