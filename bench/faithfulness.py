@@ -43,10 +43,10 @@ from vit_demo import faithfulness as faith  # noqa: E402
 from vit_demo.classifier import Classifier  # noqa: E402
 from vit_demo.hub import Checkpoint  # noqa: E402
 from vit_demo.preprocess import PreprocessConfig  # noqa: E402
+from sections import write_section  # noqa: E402  (bench/, beside this script)
 
 BUNDLED = ROOT / "vit_demo" / "weights" / "vit-fashion-mnist"
 IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-START, END = "<!-- faithfulness:start -->", "<!-- faithfulness:end -->"
 PARTS = ("costs", "sanity", "table")
 
 # The maps compared, with the options the page uses by default.
@@ -266,7 +266,6 @@ def markdown(r: dict) -> str:
                 f"(load average {run['load_average']:.1f} at the end: the machine may have been shared).")
 
     lines = [
-        START,
         "## Explanations: faithfulness, sanity and cost",
         "",
         "Written by `python bench/faithfulness.py` (figures in BENCHMARKS-faithfulness.json). Nothing here is typed by hand.",
@@ -325,20 +324,8 @@ def markdown(r: dict) -> str:
         "",
         f"- Target: a relevance map costs at most 3x a prediction on the CPU: {ratio:.2f}x, "
         + ("met." if ratio <= 3 else f"missed by {ratio - 3:.2f}x."),
-        END,
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replaces the text between this script's markers in `path`, or appends it; the rest of the file is kept."""
-    text = path.read_text() if path.exists() else ""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -370,7 +357,7 @@ def main() -> None:
         print(f"{part}: {json.dumps(r['runs'][part])}", flush=True)
     if all(part in r for part in PARTS):
         section = markdown(r)
-        write_section(args.out, section)
+        write_section(args.out, "faithfulness", section)
         print(section)
 
 
