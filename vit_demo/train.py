@@ -52,6 +52,29 @@ class TrainConfig:
     patch_size: int = 4
 
 
+# What each TrainConfig field means, for `--help`.
+HELP = {
+    "epochs": "passes over the training images",
+    "batch_size": "images per optimiser step",
+    "lr": "peak learning rate of AdamW (after warm-up, then cosine decay)",
+    "weight_decay": "AdamW's decoupled weight decay",
+    "warmup_epochs": "epochs of linear learning-rate warm-up",
+    "label_smoothing": "share of each target spread over the other classes",
+    "val_size": "training images held out to validate on (not trained on)",
+    "subset": "train on only this many images (0: all); for quick checks",
+    "seed": "random seed for the split, the initialisation and the augmentation",
+    "embed_dim": "width of every token",
+    "depth": "number of transformer blocks",
+    "num_heads": "attention heads per block",
+    "mlp_dim": "hidden width of each block's MLP",
+    "patch_size": "side of each square patch, in pixels of the 28x28 image",
+}
+EXAMPLES = """examples:
+  python -m vit_demo train                                  # the bundled model's recipe, into vit_demo/weights/
+  python -m vit_demo train --epochs 2 --subset 2000 --out /tmp/quick   # a quick check
+"""
+
+
 def read_idx(path: Path) -> np.ndarray:
     """A gzipped IDX file (images: 16-byte header, labels: 8-byte header) -> uint8 array."""
     with gzip.open(path, "rb") as f:
@@ -271,13 +294,15 @@ Labels: {", ".join(f"{i} {c}" for i, c in enumerate(CLASSES))}.
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m vit_demo train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vit_demo train", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    p.add_argument("--out", type=Path, default=Path("vit_demo/weights/vit-fashion-mnist"))
-    p.add_argument("--device", default=None)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"{HELP[name]} (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder of Fashion-MNIST's gzipped IDX files (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("vit_demo/weights/vit-fashion-mnist"),
+                   help="folder to write the model to, laid out like a Hub repo (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload the folder to this Hub repo")
     args = p.parse_args(argv)
     tc = TrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
