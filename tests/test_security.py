@@ -316,3 +316,45 @@ def test_a_burst_of_large_images_stays_within_the_budget_and_memory_returns(app,
     assert guard.BUDGET.peak <= guard.BUDGET.total
     assert peak[0] - base < budget_mb + 512, "the burst used more memory than the decode budget allows"
     assert after - base < 300, "memory was not returned after the burst"
+
+
+def _any_event(url: str, demo, fn_index: int, data: list) -> tuple[bool, object]:
+    """Calls any event as the page would: queued ones through the queue, the others through run/predict."""
+    fn = list(demo.fns.values())[fn_index]
+    if fn.queue:
+        return join(url, fn_index, data)
+    body = {"data": data, "fn_index": fn_index, "session_hash": uuid.uuid4().hex[:12], "event_data": None}
+    r = httpx.post(f"{url}gradio_api/run/predict", json=body, timeout=TIMEOUT)
+    out = r.json()
+    return r.status_code == 200 and "error" not in out, out.get("error", out.get("data"))
+
+
+def test_every_event_called_on_its_own_with_nothing_answers_in_a_sentence_or_not_at_all(app, caplog):
+    """A raw request can call any event, private follow-ups included, with none of the state the page would have
+    built first: each either changes nothing or refuses in a sentence, and nothing logs a traceback."""
+    demo, url, _, _ = app
+    caplog.set_level(logging.INFO)
+    silent = []
+    for i, fn in enumerate(demo.fns.values()):
+        if fn.name == "live" or fn.api_name == "live":
+            continue  # a stream: exercised in test_live.py
+        for data in ([None] * len(fn.inputs), [99999] * len(fn.inputs)):
+            ok, out = _any_event(url, demo, i, data)
+            if not ok and not (isinstance(out, str) and len(out) > 20):
+                silent.append((fn.api_name or fn.name, data[:1], out))
+    assert not silent, f"{len(silent)} events answered with no sentence, e.g. {silent[:3]}"
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert not tracebacks, f"a traceback was logged: {tracebacks[0].getMessage()}"
+
+
+def test_an_example_that_does_not_exist_is_refused_in_a_sentence(app):
+    demo, url, _, _ = app
+    index = next(i for i, fn in enumerate(demo.fns.values()) if any(type(b).__name__ == "Dataset" for b in fn.inputs))
+    ok, out = _any_event(url, demo, index, [99999])
+    assert not ok and out == "There is no such example: pick one of the examples on the page."
+
+
+def test_a_huge_number_is_not_echoed_digit_by_digit(app):
+    _, url, _, _ = app
+    event, out = call(url, "classify", [upload(url, CHELSEA), 1e308, None])
+    assert event == "error" and "1e+308" in out and len(out) < 120, out

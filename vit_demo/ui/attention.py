@@ -22,7 +22,7 @@ from ..classifier import Classifier
 from ..explain import CLASS_SPECIFIC, DEFAULT_DISCARD_RATIO, DESCRIPTIONS, HEAD_FUSIONS, METHODS, OPTIONS
 from . import checks, faith, figures
 from .classify import percent
-from .common import DAMAGED, Shared, gpu, probabilities
+from .common import DAMAGED, Shared, gpu, probabilities, relay
 from .guard import ResultImage, decoding
 from .maps import parse, target_value
 
@@ -196,7 +196,7 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
                     show_progress_on=overlay)
     shared.on_model(reset_controls, [shared.model], [c["layer"], c["head"]], api_name="explain_controls")
     button.click(explain, inputs, [overlay, extras], api_name="explain").success(
-        lambda rest: rest, extras, outputs[1:], api_name="show_extras", api_visibility="private"
+        relay(len(outputs) - 1), extras, outputs[1:], api_name="show_extras", api_visibility="private"
     )
     method.input(show_controls, method, [*controls.values(), about, target, score_button], api_name="explain_method",
                  api_visibility="private", queue=False, show_progress="hidden")

@@ -85,7 +85,7 @@ def whole(value, low: int, high: int, what: str) -> int:
     if number is None or not math.isfinite(number) or number != int(number):
         raise refusal(f"The {what} must be a whole number from {low} to {high}, not '{short(value)}'.")
     if not low <= number <= high:
-        raise refusal(f"The {what} must be from {low} to {high} for this model, not {int(number)}.")
+        raise refusal(f"The {what} must be from {low} to {high} for this model, not {short(f'{number:g}', 20)}.")
     return int(number)
 
 
@@ -141,7 +141,6 @@ def translate(error: Exception, inputs: list, got: int) -> gr.Error:
         got: how many input values the request carried.
     """
     from gradio.exceptions import InvalidPathError
-    from pydantic import ValidationError
 
     if isinstance(error, gr.Error):  # a refusal from an input component, logged where it was raised
         return gr.Error(short(error.message, 300), print_exception=False)
@@ -153,10 +152,13 @@ def translate(error: Exception, inputs: list, got: int) -> gr.Error:
         )
     if isinstance(error, InvalidPathError):
         return refusal("Only images uploaded to this app can be used: upload the file first (gradio_client: handle_file).")
+    if any(isinstance(c, gr.Dataset) for c in inputs):  # the examples' event, given an index that is not one
+        return refusal("There is no such example: pick one of the examples on the page.")
+    # Whatever else Gradio could not read is the request's doing: one sentence and one (rate-limited) line, naming
+    # the error's type, never a traceback a flood could multiply.
     cause = error.__cause__ or error
-    if not isinstance(cause, (ValidationError, ValueError, TypeError, KeyError)):  # not a bad input: a bug, in full
-        log.error("Reading the inputs of a request failed.", exc_info=error)
-    return refusal(
+    log_refusal(f"unreadable input ({type(cause).__name__}: {short(str(cause), 120)})")
+    return gr.Error(
         "An input of this request could not be read: send the image as an uploaded file (gradio_client: handle_file) "
-        "and the other inputs as plain numbers or text."
+        "and the other inputs as plain numbers or text.", print_exception=False
     )

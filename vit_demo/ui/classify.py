@@ -19,7 +19,7 @@ from ..classifier import Classifier
 from ..registry import BUNDLED_NAME
 from ..runtime import MAX_BATCH
 from . import checks
-from .common import DAMAGED, Shared, gpu, need
+from .common import DAMAGED, Shared, gpu, need, relay
 from .guard import decoding
 
 MAX_TOP_K = 20
@@ -128,5 +128,5 @@ def build(shared: Shared) -> None:
     # one unreadable upload would fail its whole batch, and the per-request `validator` that could screen uploads
     # first does not accept batched events (Gradio 6.31).
     button.click(classify, [shared.photo, top_k, shared.model], [label, page_view], api_name="classify", **work).success(
-        lambda view: view, page_view, [shown, answered], api_name="show_answer", api_visibility="private"
+        relay(2), page_view, [shown, answered], api_name="show_answer", api_visibility="private"
     )

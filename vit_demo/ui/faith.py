@@ -23,7 +23,7 @@ from PIL import Image
 from ..explain import DEFAULT_DISCARD_RATIO
 from . import checks, figures
 from .classify import percent
-from .common import DAMAGED, Shared, gpu
+from .common import DAMAGED, Shared, gpu, relay
 from .guard import decoding
 from .maps import MapRequest, parse
 
@@ -188,7 +188,7 @@ def wire_score(shared: Shared, panel: tuple, method, target, controls: dict) -> 
     inputs = [shared.photo, method, target, shared.model, c["layer"], c["head"], c["head_fusion"], c["discard_ratio"]]
     button.click(faithfulness, inputs, [data, view], api_name="faithfulness", show_progress_on=scores,
                  concurrency_limit=2, concurrency_id="faithfulness").success(
-        lambda v: v, view, [scores, plot], api_name="show_faithfulness", api_visibility="private"
+        relay(2), view, [scores, plot], api_name="show_faithfulness", api_visibility="private"
     )
     shared.clears(scores)
     for changed, name in ((shared.photo.change, "faith_clear_photo"), (shared.model.input, "faith_clear_model")):

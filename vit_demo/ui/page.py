@@ -87,6 +87,8 @@ class Page(gr.Blocks):
     - `launch` adds the request limits and the cache sweep of `server.py`, however the page is launched.
     - Failures of Gradio's own input handling (too few inputs, a file outside the upload cache, a value of the
       wrong shape) become one sentence instead of a bare "Error".
+    - An event a raw request calls out of turn (a browser-only event, an example that is not one) is refused in
+      a sentence too; private follow-ups that show a State change nothing when called on their own (`relay`).
     """
 
     def launch(self, *args, app_kwargs: dict | None = None, **kwargs):
@@ -103,6 +105,14 @@ class Page(gr.Blocks):
             return await super().preprocess_data(block_fn, inputs, state, explicit_call)
         except Exception as e:
             raise checks.translate(e, block_fn.inputs, len(inputs)) from e
+
+    async def call_function(self, block_fn, processed_input, *args, **kwargs):
+        fn = self.fns[block_fn] if isinstance(block_fn, int) else block_fn
+        if not fn.fn:  # an event the page runs in the browser, called by a raw request
+            raise checks.refusal("This event runs in the browser only: there is nothing to call on the server.")
+        if any(isinstance(b, gr.Dataset) for b in fn.inputs) and None in processed_input:
+            raise checks.refusal("There is no such example: pick one of the examples on the page.")
+        return await super().call_function(block_fn, processed_input, *args, **kwargs)
 
 
 def _unreachable(error: BaseException | None) -> bool:
@@ -270,7 +280,7 @@ def _wire(shared: Shared, tabs: gr.Tabs, model_info, model_note) -> None:
                                                                     api_name="model_clear", **quiet)
     handlers_after(cleared.then(check, photo, None, api_name="model_check_photo", **quiet), "_after_model")
 
-    def opened(evt: gr.SelectData):
-        return evt.value
+    def opened(evt: gr.SelectData | None = None):
+        return evt.value if isinstance(getattr(evt, "value", None), str) else gr.skip()
 
     tabs.select(opened, None, shared.open_tab, queue=False, api_name="open_tab", **quiet)

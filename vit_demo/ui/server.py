@@ -50,12 +50,15 @@ class RequestLimits:
         path = scope.get("path", "")
         limit = self.upload_bytes if path.rstrip("/").endswith("/upload") else self.body_bytes
         declared = dict(scope.get("headers", [])).get(b"content-length")
+        too_large = (f"The request is larger than {limit // MB} MB: send a smaller file." if limit == self.upload_bytes else
+                     f"The request is larger than {limit // MB} MB: upload images first (/gradio_api/upload) and send "
+                     "only their handles.")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await _reply(send, 413, f"The request is larger than {limit // MB} MB: send a smaller file.")
+            return await _reply(send, 413, too_large)
         if scope.get("method") == "POST" and limit == self.body_bytes:
             body = await _read_body(receive, limit)
             if body is None:
-                return await _reply(send, 413, f"The request is larger than {limit // MB} MB: send a smaller file.")
+                return await _reply(send, 413, too_large)
             if not _session_hash_ok(body):
                 return await _reply(send, 400, f"The session_hash must be at most {SESSION_HASH_CHARS} characters.")
             return await self.app(scope, _replay(body, receive), send)
