@@ -358,3 +358,13 @@ def test_a_huge_number_is_not_echoed_digit_by_digit(app):
     _, url, _, _ = app
     event, out = call(url, "classify", [upload(url, CHELSEA), 1e308, None])
     assert event == "error" and "1e+308" in out and len(out) < 120, out
+
+
+def test_a_tab_event_with_forged_event_data_is_refused_in_a_sentence(app):
+    demo, url, _, _ = app
+    index = next(i for i, fn in enumerate(demo.fns.values()) if fn.api_name == "open_tab")
+    for event_data in ({"x": 1}, [1, 2], "tab"):
+        body = {"data": [], "fn_index": index, "session_hash": uuid.uuid4().hex[:12], "event_data": event_data}
+        r = httpx.post(f"{url}gradio_api/run/predict", json=body, timeout=TIMEOUT)
+        error = r.json().get("error")
+        assert isinstance(error, str) and "use the page" in error, (event_data, r.text[:200])

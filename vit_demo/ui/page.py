@@ -13,8 +13,10 @@ model that was serving and says why; if it loads, the tabs' model handlers run, 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import typing
 
 import gradio as gr
 from huggingface_hub import constants
@@ -112,6 +114,10 @@ class Page(gr.Blocks):
             raise checks.refusal("This event runs in the browser only: there is nothing to call on the server.")
         if any(isinstance(b, gr.Dataset) for b in fn.inputs) and None in processed_input:
             raise checks.refusal("There is no such example: pick one of the examples on the page.")
+        event_data = inspect.signature(gr.Blocks.call_function).bind(self, block_fn, processed_input, *args, **kwargs)
+        data = getattr(event_data.arguments.get("event_data"), "_data", None)
+        if _takes_select_data(fn.fn) and not (isinstance(data, dict) and {"index", "value"} <= data.keys()):
+            raise checks.refusal("This event's data is not what the page sends: use the page.")
         return await super().call_function(block_fn, processed_input, *args, **kwargs)
 
 
@@ -124,6 +130,13 @@ def _unreachable(error: BaseException | None) -> bool:
             return True
         error = error.__cause__
     return False
+
+
+def _takes_select_data(fn) -> bool:
+    try:
+        return gr.SelectData in typing.get_type_hints(fn).values()
+    except (NameError, TypeError):
+        return False
 
 
 def start_registry(registry: Registry) -> tuple[Registry, str, bool]:
@@ -280,7 +293,7 @@ def _wire(shared: Shared, tabs: gr.Tabs, model_info, model_note) -> None:
                                                                     api_name="model_clear", **quiet)
     handlers_after(cleared.then(check, photo, None, api_name="model_check_photo", **quiet), "_after_model")
 
-    def opened(evt: gr.SelectData | None = None):
+    def opened(evt: gr.SelectData = None):  # None: a raw request without the tab's event data
         return evt.value if isinstance(getattr(evt, "value", None), str) else gr.skip()
 
     tabs.select(opened, None, shared.open_tab, queue=False, api_name="open_tab", **quiet)
