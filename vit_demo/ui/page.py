@@ -114,8 +114,8 @@ class Page(gr.Blocks):
             raise checks.refusal("This event runs in the browser only: there is nothing to call on the server.")
         if any(isinstance(b, gr.Dataset) for b in fn.inputs) and None in processed_input:
             raise checks.refusal("There is no such example: pick one of the examples on the page.")
-        event_data = inspect.signature(gr.Blocks.call_function).bind(self, block_fn, processed_input, *args, **kwargs)
-        data = getattr(event_data.arguments.get("event_data"), "_data", None)
+        bound = inspect.signature(gr.Blocks.call_function).bind(self, block_fn, processed_input, *args, **kwargs)
+        data = getattr(bound.arguments.get("event_data"), "_data", None)
         if _takes_select_data(fn.fn) and not (isinstance(data, dict) and {"index", "value"} <= data.keys()):
             raise checks.refusal("This event's data is not what the page sends: use the page.")
         return await super().call_function(block_fn, processed_input, *args, **kwargs)
