@@ -306,3 +306,57 @@ def photo():
     from PIL import Image
 
     return Image.open(EXAMPLES / "chelsea.jpg").convert("RGB")
+
+
+# --- the launched app over raw HTTP, and in a real browser ----------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts"  # screenshots, git-ignored
+RAW_TIMEOUT = 120
+
+
+def raw_call(url: str, api: str, data: list) -> tuple[str, object]:
+    """A raw `call` request (no client, no defaults) and its event stream: ("complete", output) or ("error", message)."""
+    import json
+
+    import httpx
+
+    r = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data}, timeout=RAW_TIMEOUT)
+    assert r.status_code == 200, (r.status_code, r.text[:200])
+    event_id = r.json()["event_id"]
+    with httpx.stream("GET", f"{url}gradio_api/call/{api}/{event_id}", timeout=RAW_TIMEOUT) as stream:
+        event = None
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                payload = json.loads(line.split(":", 1)[1])
+                return event, (payload.get("error") if isinstance(payload, dict) else payload)
+    raise AssertionError(f"no answer from {api}")
+
+
+def raw_upload(url: str, path: str) -> dict:
+    """Uploads a file as the page does; returns the FileData an API call names it by."""
+    import httpx
+
+    with open(path, "rb") as f:
+        r = httpx.post(f"{url}gradio_api/upload", files=[("files", (Path(path).name, f))], timeout=RAW_TIMEOUT)
+    assert r.status_code == 200, r.text
+    return {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}, "orig_name": Path(path).name}
+
+
+def require_chromium() -> None:
+    """The browser tests fail (they do not skip) where Chromium is missing."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"Chromium is not installed at {CHROMIUM}: the browser tests need it "
+                    "(apt-get install -y chromium chromium-driver).", pytrace=False)
+
+
+def screenshot(page, name: str, full_page: bool = True) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=full_page)
+

@@ -11,7 +11,6 @@ chromium`; CI installs it): without it these tests fail, they do not skip.
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
 import tempfile
@@ -23,15 +22,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, ROOT, free_port, make_transformers
+from conftest import CHROMIUM, EXAMPLES, ROOT, free_port, make_transformers, require_chromium
+from conftest import CHROMIUM_FLAGS as FLAGS
+from conftest import screenshot as _shot
 from vit_demo.registry import BUNDLED, BUNDLED_NAME
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-ARTIFACTS = ROOT / "test-artifacts"
 CHELSEA = EXAMPLES / "chelsea.jpg"
 COFFEE = EXAMPLES / "coffee.jpg"
 WAIT_MS = 60_000  # the machine may be busy with other work: wait generously, never sleep
@@ -39,11 +34,6 @@ NUM_CLASSES = 1000
 SIZES = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
 MODEL_NAME = "tiny-vit"  # the served model's folder: what visitors see instead of its server path
 BROKEN_NAME = "damaged-vit"
-
-
-def _shot(page, name: str, full_page: bool = True) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=full_page)
 
 
 # ---------------------------------------------------------------- the app and the browser
@@ -111,9 +101,7 @@ def library(app):
 
 @pytest.fixture(scope="module")
 def pw(app):
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"Chromium is not installed at {CHROMIUM}: the browser tests need it "
-                    "(apt-get install -y chromium chromium-driver).", pytrace=False)
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -10,8 +10,6 @@ same file. Screenshots go to test-artifacts/ (git-ignored); Chromium must be at 
 from __future__ import annotations
 
 import io
-import json
-import os
 import re
 from pathlib import Path
 
@@ -20,19 +18,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, ROOT, launched, make_fruit_checkpoint
+from conftest import CHROMIUM, EXAMPLES, ROOT, launched, make_fruit_checkpoint, require_chromium
+from conftest import CHROMIUM_FLAGS as FLAGS
+from conftest import raw_call as call
+from conftest import raw_upload as upload
+from conftest import screenshot as _shot
 from vit_demo import load_classifier
 from vit_demo.registry import BUNDLED, BUNDLED_NAME, Registry
 
 SNEAKER = str(EXAMPLES / "fashion-mnist-sneaker-9.png")
 CHELSEA = str(EXAMPLES / "chelsea.jpg")
 NOT_UPLOADED = "Only images uploaded to this app can be used"
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-ARTIFACTS = ROOT / "test-artifacts"
 SIZES = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
 WAIT_MS = 120_000  # the machine may be busy with other work: wait generously, never sleep
 TIMEOUT = 120
@@ -68,29 +64,6 @@ def pixels(result) -> np.ndarray:
     response = httpx.get(result["url"], timeout=TIMEOUT)
     response.raise_for_status()
     return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"), dtype=int)
-
-
-def call(url: str, api: str, data: list) -> tuple[str, object]:
-    """A raw `call` request (no client, no defaults) and its event stream: ("complete", output) or ("error", message)."""
-    r = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data}, timeout=TIMEOUT)
-    assert r.status_code == 200, (r.status_code, r.text[:200])
-    event_id = r.json()["event_id"]
-    with httpx.stream("GET", f"{url}gradio_api/call/{api}/{event_id}", timeout=TIMEOUT) as stream:
-        event = None
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and event in ("complete", "error"):
-                payload = json.loads(line.split(":", 1)[1])
-                return event, (payload.get("error") if isinstance(payload, dict) else payload)
-    raise AssertionError(f"no answer from {api}")
-
-
-def upload(url: str, path: str) -> dict:
-    with open(path, "rb") as f:
-        r = httpx.post(f"{url}gradio_api/upload", files=[("files", (Path(path).name, f))], timeout=TIMEOUT)
-    assert r.status_code == 200, r.text
-    return {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}, "orig_name": Path(path).name}
 
 
 def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -256,20 +229,13 @@ def test_faithfulness_checks_its_inputs_against_the_chosen_model(served):
 
 @pytest.fixture(scope="module")
 def browser(served):
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"Chromium is not installed at {CHROMIUM}: the browser tests need it "
-                    "(apt-get install -y chromium chromium-driver).", pytrace=False)
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         yield b
         b.close()
-
-
-def _shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
 def _overlay(page, old_src: str | None = None) -> tuple[str, np.ndarray]:

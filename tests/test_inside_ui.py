@@ -18,19 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import EXAMPLES, ROOT, launched, make_fruit_checkpoint, make_transformers
+from conftest import CHROMIUM, EXAMPLES, ROOT, launched, make_fruit_checkpoint, make_transformers, require_chromium
+from conftest import CHROMIUM_FLAGS as FLAGS
+from conftest import screenshot as _shot
 from vit_demo import inside as ins
 from vit_demo import load_classifier
 from vit_demo.registry import BUNDLED, BUNDLED_NAME, Registry
 
 CHELSEA = str(EXAMPLES / "chelsea.jpg")
 SNEAKER = "fashion-mnist-sneaker-9.png"
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-ARTIFACTS = ROOT / "test-artifacts"
 WAIT_MS = 60_000  # the machine may be busy with other work: wait generously, never sleep
 
 
@@ -146,20 +142,13 @@ def test_a_model_not_on_offer_is_refused_in_one_sentence(served):
 
 @pytest.fixture(scope="module")
 def browser(served):
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"Chromium is not installed at {CHROMIUM}: the browser tests need it "
-                    "(apt-get install -y chromium chromium-driver).", pytrace=False)
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         yield b
         b.close()
-
-
-def _shot(page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
 def _loaded(page, selector: str) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, launched, wait_until
+from conftest import EXAMPLES, launched, require_chromium, wait_until
 from test_browser import CHROMIUM, FLAGS, WAIT_MS, _shot
 
 STREAM_S = 6.0  # how long each browser test streams
@@ -145,11 +145,7 @@ def app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pw(app):
-    import os
-
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"Chromium is not installed at {CHROMIUM}: the browser tests need it "
-                    "(apt-get install -y chromium chromium-driver).", pytrace=False)
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

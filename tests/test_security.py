@@ -26,6 +26,8 @@ import pytest
 from PIL import Image
 
 from conftest import EXAMPLES, launched, make_fruit_checkpoint, make_transformers
+from conftest import raw_call as call
+from conftest import raw_upload as upload
 from vit_demo.registry import Registry
 from vit_demo.ui import checks, guard
 
@@ -39,22 +41,6 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
-
-
-def call(url: str, api: str, data: list) -> tuple[str, object]:
-    """A raw `call` request and its event stream: ("complete", output) or ("error", message)."""
-    r = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data}, timeout=TIMEOUT)
-    assert r.status_code == 200, (r.status_code, r.text[:200])
-    event_id = r.json()["event_id"]
-    with httpx.stream("GET", f"{url}gradio_api/call/{api}/{event_id}", timeout=TIMEOUT) as stream:
-        event = None
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and event in ("complete", "error"):
-                payload = json.loads(line.split(":", 1)[1])
-                return event, (payload.get("error") if isinstance(payload, dict) else payload)
-    raise AssertionError(f"no answer from {api}")
 
 
 def join(url: str, fn_index: int, data: list) -> tuple[bool, object]:
@@ -72,13 +58,6 @@ def join(url: str, fn_index: int, data: list) -> tuple[bool, object]:
                 out = msg.get("output") or {}
                 return bool(msg.get("success")), out.get("error") if not msg.get("success") else out.get("data")
     raise AssertionError(f"no answer from fn {fn_index}")
-
-
-def upload(url: str, path: str) -> dict:
-    with open(path, "rb") as f:
-        r = httpx.post(f"{url}gradio_api/upload", files=[("files", (Path(path).name, f))], timeout=TIMEOUT)
-    assert r.status_code == 200, r.text
-    return {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}, "orig_name": Path(path).name}
 
 
 @pytest.fixture(scope="module")
