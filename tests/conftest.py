@@ -356,6 +356,20 @@ def require_chromium() -> None:
                     "(apt-get install -y chromium chromium-driver).", pytrace=False)
 
 
+@contextlib.contextmanager
+def chromium(*extra_flags: str):
+    """Headless Chromium (Debian's, driven by Playwright) for as long as the block runs."""
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS + list(extra_flags))
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 def screenshot(page, name: str, full_page: bool = True) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name), full_page=full_page)

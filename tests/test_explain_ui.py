@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CHROMIUM, EXAMPLES, ROOT, launched, make_fruit_checkpoint, require_chromium
-from conftest import CHROMIUM_FLAGS as FLAGS
+from conftest import EXAMPLES, chromium, launched, make_fruit_checkpoint
 from conftest import raw_call as call
 from conftest import raw_upload as upload
 from conftest import screenshot as _shot
@@ -229,13 +228,8 @@ def test_faithfulness_checks_its_inputs_against_the_chosen_model(served):
 
 @pytest.fixture(scope="module")
 def browser(served):
-    require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def _overlay(page, old_src: str | None = None) -> tuple[str, np.ndarray]:

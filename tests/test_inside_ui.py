@@ -18,8 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CHROMIUM, EXAMPLES, ROOT, launched, make_fruit_checkpoint, make_transformers, require_chromium
-from conftest import CHROMIUM_FLAGS as FLAGS
+from conftest import EXAMPLES, chromium, launched, make_fruit_checkpoint, make_transformers
 from conftest import screenshot as _shot
 from vit_demo import inside as ins
 from vit_demo import load_classifier
@@ -142,13 +141,8 @@ def test_a_model_not_on_offer_is_refused_in_one_sentence(served):
 
 @pytest.fixture(scope="module")
 def browser(served):
-    require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def _loaded(page, selector: str) -> dict:
