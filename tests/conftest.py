@@ -301,6 +301,18 @@ def fake_hub(monkeypatch, tmp_path):
     server.server_close()
 
 
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+NO_FASHION_MNIST = "Fashion-MNIST is not installed (Debian: apt-get install dataset-fashion-mnist); CI installs it."
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist() -> Path:
+    """The Fashion-MNIST folder; the tests that need it fail (they do not skip) where it is missing."""
+    if not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.fail(NO_FASHION_MNIST, pytrace=False)
+    return FASHION_MNIST
+
+
 @pytest.fixture(scope="session")
 def photo():
     from PIL import Image

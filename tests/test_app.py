@@ -345,8 +345,7 @@ def test_offline_start_shows_what_the_bundled_model_knows(offline_hub, tmp_path,
     """While the bundled model serves, a box says it knows only clothing, and its examples come first."""
     from vit_demo.ui import build_demo
 
-    if not bundled_available():
-        pytest.skip("vit_demo/weights holds no bundled model")
+    assert bundled_available(), "vit_demo/weights holds no bundled model"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     demo = build_demo(Registry(["nobody/not-cached"], default="nobody/not-cached", device="cpu"))
     note = block(demo, "fallback-note")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from conftest import assert_close, make_transformers
+from conftest import NO_FASHION_MNIST, assert_close, make_transformers
 from vit_demo import load_classifier
 from vit_demo import faithfulness as faith
 
@@ -139,7 +139,7 @@ def shoe():
     from PIL import Image
 
     if not FASHION_TEST.exists():
-        pytest.skip("Fashion-MNIST is not installed (Debian: apt-get install dataset-fashion-mnist)")
+        pytest.fail(NO_FASHION_MNIST, pytrace=False)
     raw = gzip.open(FASHION_TEST).read()
     return Image.fromarray(np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)[0])  # an ankle boot
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from conftest import assert_close, make_timm, make_transformers
+from conftest import NO_FASHION_MNIST, assert_close, make_timm, make_transformers
 from vit_demo import VisionTransformer, load_classifier
 from vit_demo import explain as ex
 
@@ -42,7 +42,7 @@ def fashion_images(n: int) -> list:
     from PIL import Image
 
     if not FASHION_TEST.exists():
-        pytest.skip("Fashion-MNIST is not installed (Debian: apt-get install dataset-fashion-mnist)")
+        pytest.fail(NO_FASHION_MNIST, pytrace=False)
     raw = gzip.open(FASHION_TEST).read()
     return [Image.fromarray(a) for a in np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)[:n]]
 
