@@ -170,13 +170,18 @@ def _progress():
     return show
 
 
+def _prog() -> str:
+    """How the command was typed: `vit-demo` (the installed script) or `python -m vit_demo`."""
+    return "vit-demo" if os.path.basename(sys.argv[0]) in ("vit-demo", "vit-demo.exe") else "python -m vit_demo"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `predict` and `explain` (`train` has its own, in vit_demo.train)."""
     from .explain import DEFAULT_DISCARD_RATIO, DESCRIPTIONS, HEAD_FUSIONS, METHODS
 
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="python -m vit_demo", formatter_class=raw, epilog=EXAMPLES,
+        prog=_prog(), formatter_class=raw, epilog=EXAMPLES,
         description="Classify images with a Vision Transformer, see where it looked and why it chose a class.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{predict,explain,train}")

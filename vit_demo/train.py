@@ -70,7 +70,8 @@ HELP = {
     "patch_size": "side of each square patch, in pixels of the 28x28 image",
 }
 EXAMPLES = """examples:
-  python -m vit_demo train                                  # the bundled model's recipe, into vit_demo/weights/
+  python -m vit_demo train                                  # the bundled model's recipe, into ./vit-fashion-mnist
+  python -m vit_demo train --out vit_demo/weights/vit-fashion-mnist   # ... replacing the bundled model
   python -m vit_demo train --epochs 2 --subset 2000 --out /tmp/quick   # a quick check
 """
 
@@ -294,14 +295,16 @@ Labels: {", ".join(f"{i} {c}" for i, c in enumerate(CLASSES))}.
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m vit_demo train", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+    installed = Path(__import__("sys").argv[0]).stem == "vit-demo"  # the installed script, not python -m vit_demo
+    p = argparse.ArgumentParser(prog="vit-demo train" if installed else "python -m vit_demo train", description=__doc__.splitlines()[0], epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"{HELP[name]} (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder of Fashion-MNIST's gzipped IDX files (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("vit_demo/weights/vit-fashion-mnist"),
-                   help="folder to write the model to, laid out like a Hub repo (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("vit-fashion-mnist"),
+                   help="folder to write the model to, laid out like a Hub repo (default: %(default)s in the current "
+                        "folder; the bundled model is replaced only with --out vit_demo/weights/vit-fashion-mnist)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload the folder to this Hub repo")
     args = p.parse_args(argv)
