@@ -7,8 +7,10 @@
 - `guard.py`: the one door every image passes (where it came from, how big it decodes) and the result images.
 - `checks.py`: every other input, checked against the chosen model; refusals in one sentence, logged in one line.
 - `server.py`: limits on raw HTTP requests and the lifetime of cached files.
+- `tools.py`: the public endpoints as MCP tools for agents.
 """
 
+from . import tools  # noqa: F401 - sets Gradio's MCP server right for endpoints that also return a State
 from .page import LAUNCH_KWARGS, build_demo, start_registry
 
 __all__ = ["LAUNCH_KWARGS", "build_demo", "start_registry"]

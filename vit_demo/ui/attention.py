@@ -124,8 +124,21 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
         alpha: float = 0.6,
         target: str | None = None,
     ):
-        """Where the model looked, over the crop it saw; for "relevance" and "gradient_rollout", why it chose
-        `target` (a label; empty for the top class). Returns the overlay (and, for the page, the rest)."""
+        """Draws where the model looked, as a heatmap over the square crop it saw (bright yellow: most, dark purple: least).
+
+        Args:
+            image: the photo, as a data URL ("data:image/jpeg;base64,..."; JPEG, PNG, WebP, BMP, GIF or TIFF; at most 20 MB, 40 megapixels).
+            method: rollout (attention through all layers), attention (one layer), heads (a grid of one layer's heads), relevance or gradient_rollout (why `target`).
+            model: which model answers, one of the names listed for this argument (default: the app's default model).
+            layer: attention, heads: which layer, a whole number from 1 to the model's depth (default: the last; 12 for ViT-B).
+            head: attention: "mean" for the mean of all heads, or one head's number from 1 ("3").
+            head_fusion: rollout: how each layer's heads are combined, mean, max or min.
+            discard_ratio: rollout, gradient_rollout: share of each layer's weakest attention dropped, from 0 to 0.99.
+            alpha: opacity of the map over the crop, from 0 (the crop alone) to 1 (the map alone).
+            target: relevance, gradient_rollout: the class to explain, a label as classify names it; empty for the top class.
+        Returns:
+            The heatmap over the crop, a PNG image.
+        """
         overlay, *rest = draw(image, method, model, layer, head, head_fusion, discard_ratio, alpha, target)
         return overlay, rest
 

@@ -88,7 +88,15 @@ def build(shared: Shared) -> None:
 
     @gpu
     def classify(image: str, top_k: int = 5, model: str = default):
-        """Top-k classes of an image. Returns the probabilities for a gr.Label."""
+        """Classifies a photo with a Vision Transformer: its top-k classes, best first, with their probabilities.
+
+        Args:
+            image: the photo, as a data URL ("data:image/jpeg;base64,..."; JPEG, PNG, WebP, BMP, GIF or TIFF; at most 20 MB, 40 megapixels).
+            top_k: how many classes to return, a whole number from 1 to 20 (default 5).
+            model: which model answers, one of the names listed for this argument (default: the app's default model).
+        Returns:
+            {"label": the top class, "confidences": [{"label", "confidence" (a probability, 0 to 1)}, ...] best first}.
+        """
         top, info = answer(image, top_k, model)
         return {label: score for label, score in top}, (table(top), info)
 

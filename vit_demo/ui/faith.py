@@ -170,9 +170,18 @@ def wire_score(shared: Shared, panel: tuple, method, target, controls: dict) -> 
         discard_ratio: float = DEFAULT_DISCARD_RATIO,
         progress=gr.Progress(),
     ):
-        """How far one map can be trusted: deletion and insertion AUCs for the target class (empty: the top
-        class), with a random patch order's beside them. Only the options `method` reads are checked.
+        """Scores how far one explain map can be trusted, by deleting and inserting its patches most relevant first
+        (Petsiuk et al. 2018), beside a random patch order. Costs up to about 200 forward passes.
 
+        Args:
+            image: the photo, as a data URL ("data:image/jpeg;base64,..."; JPEG, PNG, WebP, BMP, GIF or TIFF; at most 20 MB, 40 megapixels).
+            method: the map to score: rollout, attention, relevance or gradient_rollout (not heads).
+            target: the class whose probability is followed, a label as classify names it; empty for the top class.
+            model: which model answers, one of the names listed for this argument (default: the app's default model).
+            layer: attention: which layer, a whole number from 1 to the model's depth (default: the last).
+            head: attention: "mean" for the mean of all heads, or one head's number from 1 ("3").
+            head_fusion: rollout: how each layer's heads are combined, mean, max or min.
+            discard_ratio: rollout, gradient_rollout: share of each layer's weakest attention dropped, from 0 to 0.99.
         Returns:
             {"model", "method", "target" (label), "target_index", "probability", "deletion_auc" (lower is
              better), "insertion_auc" (higher is better), "curves": {"x", "deletion", "insertion"},

@@ -109,8 +109,12 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
 
     @gpu
     def attention_distance(image: str, model: str = shared.display(registry.default)) -> dict:
-        """Mean attention distance (pixels of the crop) of every head in every layer, for one photo.
+        """How far each head of each layer looks for this photo: its mean attention distance, in pixels of the crop
+        (the attention-weighted distance between patch centres, as in the ViT paper's figure 7).
 
+        Args:
+            image: the photo, as a data URL ("data:image/jpeg;base64,..."; JPEG, PNG, WebP, BMP, GIF or TIFF; at most 20 MB, 40 megapixels).
+            model: which model answers, one of the names listed for this argument (default: the app's default model).
         Returns:
             {"model", "layers", "heads", "patch_size", "grid": [gh, gw], "crop": [H, W],
              "distance_px": layers x heads list of lists}.
