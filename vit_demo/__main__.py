@@ -88,7 +88,17 @@ def _load(args):
     try:
         return load_classifier(args.model, revision=args.revision, device=args.device)
     except ModelLoadError as e:
-        fail(str(e))
+        fail(str(e) + _offline_hint(str(e)))
+
+
+def _offline_hint(message: str) -> str:
+    """Where the Hub is out of reach, the bundled model that works without it."""
+    from .registry import BUNDLED, bundled_available
+
+    if not bundled_available() or not ("could not be reached" in message or "HF_HUB_OFFLINE" in message):
+        return ""
+    where = os.path.relpath(BUNDLED) if BUNDLED.startswith(os.getcwd() + os.sep) else BUNDLED
+    return f" Without the Hub, the bundled Fashion-MNIST model works: --model {where}"
 
 
 def predict(args) -> None:
@@ -141,8 +151,9 @@ def explain(args) -> None:
         if args.steps is not None and args.steps > grid_map.numel():
             fail(f"--steps {args.steps} is more than the {grid_map.numel()} patches of this model's grid: give at most that.")
         probability = float(logits.float().softmax(-1)[target])
-        about = f"the class {clf.labels[target]!r} ({probability:.2%})"
-        print(f"{args.method} map of {about}" if args.method in CLASS_SPECIFIC else f"{args.method} map (the same for every class); top class {about}")
+        about = f"{clf.labels[target]!r} ({probability:.2%})"
+        print(f"{args.method} map of the class {about}" if args.method in CLASS_SPECIFIC
+              else f"{args.method} map (the same for every class); top class {about}")
         if args.out is not None:
             try:
                 draw(crop, grid_map, args.alpha).save(args.out)

@@ -120,8 +120,9 @@ def locate(source: str | os.PathLike, revision: str | None = None) -> tuple[Path
         (path of the weights file, {"config.json": dict, "preprocessor_config.json": dict} for those present).
     """
     path = Path(source).expanduser()
-    if path.is_file():
-        return path, {}
+    if path.is_file():  # a Hub repo's weights file, named as the Hub names it, is read with the metadata beside it
+        beside = [path.parent / n for n in METADATA_FILES] if path.name in WEIGHT_FILES else []
+        return path, {p.name: _read_json(p) for p in beside if p.is_file()}
     if path.is_dir():
         files = {p.name: p for p in path.iterdir() if p.is_file()}
         weights = _pick_weights(files, str(source))

@@ -32,10 +32,12 @@ def percent(p: float) -> str:
         return "0%"
     if pct < 1e-4:
         return "<0.0001%"
-    if pct >= 1:
+    decimals = max(1, 1 - math.floor(math.log10(pct)))  # two significant digits below 1%, one decimal above
+    rounded = round(pct, decimals)
+    if rounded >= 1:  # 0.996% rounds up to 1.00%: written as the percentages above 1% are, "1.0%"
         text = f"{pct:.1f}"
         return ">99.9%" if text == "100.0" and p < 1 else f"{text}%"
-    decimals = 1 - math.floor(math.log10(pct))  # two significant digits
+    decimals = max(1, 1 - math.floor(math.log10(rounded)))  # 0.0996% rounds up to 0.100%: two digits, "0.10%"
     return f"{pct:.{decimals}f}%"
 
 

@@ -97,7 +97,7 @@ def build(shared: Shared) -> None:
     gr.Markdown(
         "Point the webcam at something and press **Record**: the top classes follow the picture, several times a "
         "second. Frames the model cannot keep up with are skipped, so the answer is about what the camera sees now. "
-        "The model is the one chosen on the left.",
+        "The model is the one chosen under **Model** (beside the photo; on a phone, below the tabs).",
         elem_id="live-intro",
     )
     camera = LiveFrame(
