@@ -90,17 +90,24 @@ class Classifier:
         with self._memo_lock:
             return dict(self._memo.get(key, {})) if key is not None else {}
 
-    def crop(self, image: Image.Image | str | Path, key: str | None = None) -> torch.Tensor:
-        """The pixels the model sees, uint8 (C, H, W); `image` may be a path, opened only if `key` is new."""
+    def crop(self, image: Image.Image | str | Path | torch.Tensor, key: str | None = None) -> torch.Tensor:
+        """The pixels the model sees, uint8 (C, H, W); `image` may be a path, opened only if `key` is new, or
+        this crop already made (the app decodes uploads in worker processes)."""
         crop = self._recall(key).get("crop")
         if crop is None:
-            if isinstance(image, (str, Path)):
+            if isinstance(image, torch.Tensor):
+                crop = image
+            elif isinstance(image, (str, Path)):
                 with Image.open(image) as im:
                     crop = self.preprocessor.crop(im)
             else:
                 crop = self.preprocessor.crop(image)
             self._remember(key, crop=crop)
         return crop
+
+    def kept_crop(self, key: str | None) -> torch.Tensor | None:
+        """The crop kept under `key` by an earlier call, if it is still kept."""
+        return self._recall(key).get("crop")
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> normalised input (1, C, H, W) on the CPU, exactly as the checkpoint was trained."""

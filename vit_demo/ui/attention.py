@@ -23,7 +23,7 @@ from ..explain import CLASS_SPECIFIC, DEFAULT_DISCARD_RATIO, DESCRIPTIONS, HEAD_
 from . import checks, faith, figures
 from .classify import percent
 from .common import DAMAGED, Shared, gpu, probabilities, relay
-from .guard import ResultImage, decoding
+from .guard import ResultImage, photo_crop
 from .maps import parse, target_value
 
 # The methods the page offers, in order: (label on the page, method of vit_demo.explain).
@@ -99,8 +99,8 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
         alpha = checks.fraction(alpha, 0, 1, "overlay opacity")
         clf = req.clf
         try:
-            with decoding(req.path, clf):
-                crop, grid_map, t, logits = clf.maps(req.path, req.method, req.target, key=req.path, **req.options)
+            crop, grid_map, t, logits = clf.maps(photo_crop(req.path, clf), req.method, req.target, key=req.path,
+                                                 **req.options)
         except (OSError, SyntaxError) as e:
             raise checks.refusal(DAMAGED) from e
         crop = figures.enlarge(crop)  # small crops (28x28) are enlarged, pixels kept sharp

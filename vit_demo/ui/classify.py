@@ -20,7 +20,7 @@ from ..registry import BUNDLED_NAME
 from ..runtime import MAX_BATCH
 from . import checks
 from .common import DAMAGED, Shared, gpu, need, relay
-from .guard import decoding
+from .guard import photo_crop
 
 MAX_TOP_K = 20
 
@@ -79,8 +79,7 @@ def build(shared: Shared) -> None:
         clf = shared.classifier(model)
         start = time.perf_counter()
         try:  # the upload's path is named by a hash of its content, so it keys the work kept for /explain
-            with decoding(path, clf):
-                top = clf.predict(path, k=k, key=path)
+            top = clf.predict(photo_crop(path, clf), k=k, key=path)
         except (OSError, SyntaxError) as e:
             raise checks.refusal(DAMAGED) from e
         ms = 1000 * (time.perf_counter() - start)

@@ -24,7 +24,7 @@ from ..explain import DEFAULT_DISCARD_RATIO
 from . import checks, figures
 from .classify import percent
 from .common import DAMAGED, Shared, gpu, relay
-from .guard import decoding
+from .guard import photo_crop
 from .maps import MapRequest, parse
 
 # The methods the comparison draws, with the names of its tiles ("heads" draws several maps: left out).
@@ -76,8 +76,8 @@ def score(req: MapRequest, progress=None) -> dict:
             progress((done, total), desc="Scoring the map: forward passes", unit="passes")
 
     try:
-        with decoding(req.path, req.clf):
-            return req.clf.faithfulness(req.path, req.method, req.target, key=req.path, progress=report, **req.options)
+        return req.clf.faithfulness(photo_crop(req.path, req.clf), req.method, req.target, key=req.path,
+                                    progress=report, **req.options)
     except (OSError, SyntaxError) as e:
         raise checks.refusal(DAMAGED) from e
 
@@ -222,10 +222,10 @@ def build_compare(shared: Shared, target, controls: dict, alpha) -> None:
 
             progress(i / len(reqs), desc=f"Scoring {name}")
             try:
-                with decoding(req.path, req.clf):
-                    crop, grid_map, _, _ = req.clf.maps(req.path, req.method, req.target, key=req.path, **req.options)
-                    result = req.clf.faithfulness(req.path, req.method, req.target, key=req.path, progress=report,
-                                                  **req.options)
+                crop = photo_crop(req.path, req.clf)
+                crop, grid_map, _, _ = req.clf.maps(crop, req.method, req.target, key=req.path, **req.options)
+                result = req.clf.faithfulness(crop, req.method, req.target, key=req.path, progress=report,
+                                              **req.options)
             except (OSError, SyntaxError) as e:
                 raise checks.refusal(DAMAGED) from e
             tiles.append((figures.draw(figures.enlarge(crop), grid_map, alpha)[0], name, result))

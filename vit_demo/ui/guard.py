@@ -1,13 +1,23 @@
 """The one door every image passes, and the files results leave by.
 
 Every event that takes the photo (public endpoints, private follow-ups, the upload check) receives it through
-`PhotoInput`, which accepts only files in Gradio's upload cache (what visitors uploaded, pasted, shot with the
-webcam, or picked from the examples) and refuses anything else before opening it. Its header is read to refuse
-decompression bombs, and the memory its decoding will take is estimated from the header: `decoding` holds that
-much of a budget shared by every event, so that a burst of large images waits instead of exhausting memory.
-Live webcam frames arrive as data: URLs rather than uploads; `LiveFrame` reads their header the same way (type,
-size, mode) before anything decodes them, and the stream decodes them under the same budget. Results are written
-under names of their own (`ResultImage`), never over a file someone may be downloading.
+`PhotoInput`, whatever form it was sent in: a file in Gradio's upload cache (what visitors uploaded, pasted, shot
+with the webcam, or picked from the examples), an inline data: URL (written to the cache, within
+MAX_DATA_URL_BYTES, without being decoded), or a web address (refused before any connection, unless the operator
+sets VIT_DEMO_FETCH_IMAGES=1: then fetched from public addresses only, within a size and a time limit). Gradio's
+own image preprocessing, which would download and decode these itself, never runs. Anything else is refused
+before it is opened.
+
+Then the file's header is read in a worker process (`vit_demo.decode`): only JPEG, PNG, WebP, BMP, GIF and TIFF,
+their structure walked first (JPEG scans, PNG chunks), and the memory their decoding will take estimated. The
+decode itself (`photo_crop`) runs in a worker too, under a CPU-time limit, holding that estimate of a budget
+shared by every event while it runs (and only then: not during forward passes, and not when the crop is kept
+from an earlier request), so that a burst of large images waits instead of exhausting memory. Whatever goes
+wrong while reading an image, the visitor gets one sentence and the log one rate-limited line.
+
+Live webcam frames arrive as data: URLs; `LiveFrame` reads their header the same way (type, structure, size,
+mode) before anything decodes them, and the stream decodes them under the same budget. Results are written under
+names of their own (`ResultImage`), never over a file someone may be downloading.
 """
 
 from __future__ import annotations
@@ -17,30 +27,59 @@ import binascii
 import contextlib
 import ctypes
 import io
+import ipaddress
 import os
+import socket
 import tempfile
 import threading
-import warnings
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import httpx
+import torch
 from gradio.processing_utils import hash_bytes
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .. import preprocess
-from .checks import refusal
+from .. import decode
+from ..decode import MAX_MEGAPIXELS
+from .checks import log_refusal, refusal, short
+from .common import DAMAGED
 
 EXAMPLES_DIR = str(Path(__file__).resolve().parents[2] / "examples")
-MAX_MEGAPIXELS = 40  # larger images are refused from their header, before decoding
 DECODE_BUDGET_BYTES = 2 * 1024**3  # decode memory of all requests together (see README, "Limits")
 TRIM_AFTER_BYTES = 64 * 1024**2  # after a decode this large, idle memory goes back to the system
+MAX_DATA_URL_BYTES = 8 * 1024**2  # an image sent inline, decoded from base64 (the request limit is tighter still)
+FETCH_BYTES = 20 * 1024**2  # an image fetched from a web address (VIT_DEMO_FETCH_IMAGES=1), like an upload
+FETCH_SECONDS = 10  # the whole download, connection included
 
 NOT_UPLOADED = "Only images uploaded to this app can be used: upload the file first (gradio_client: handle_file)."
 UNREADABLE = "This file could not be read as an image: upload a JPEG, PNG, WebP, BMP, GIF or TIFF photo."
 TOO_LARGE = f"This image has more than {MAX_MEGAPIXELS} megapixels: scale it down and try again."
+TOO_SLOW = ("This image takes too long to decode (more than a few seconds of work): save it as an ordinary JPEG "
+            "or PNG and try again.")
+SCANS = (f"This JPEG is stored in more than {decode.MAX_JPEG_SCANS} passes (scans), which makes it slow to decode: "
+         "save it as an ordinary JPEG and try again.")
+TOO_COSTLY = ("This image needs more memory to decode than its size accounts for: save it as an ordinary JPEG or "
+              "PNG and try again.")
+REMOTE = ("Images are not fetched from web addresses here: download the image and upload the file "
+          "(gradio_client: handle_file on a local path).")
+REMOTE_PRIVATE = "This web address does not lead to a public server: upload the image instead."
+REMOTE_FAILED = "The image at this web address could not be downloaded ({}): upload the file instead."
+REMOTE_TOO_LARGE = f"The image at this web address is larger than {FETCH_BYTES // 2**20} MB: upload a smaller file."
+INLINE_TOO_LARGE = (f"This inline image is larger than {MAX_DATA_URL_BYTES // 2**20} MB: upload the file instead "
+                    "(gradio_client: handle_file).")
+SENTENCES = {"unreadable": UNREADABLE, "damaged": DAMAGED, "too_large": TOO_LARGE, "scans": SCANS,
+             "too_slow": TOO_SLOW, "too_costly": TOO_COSTLY}
 
-Image.MAX_IMAGE_PIXELS = MAX_MEGAPIXELS * 1_000_000
+
+def refused(e: decode.Refused) -> gr.Error:
+    """A worker's refusal as the visitor's sentence, logged in one line with what went wrong."""
+    sentence = SENTENCES.get(e.reason, UNREADABLE)
+    log_refusal(f"{sentence} ({short(e.detail, 120)})" if e.detail else sentence)
+    return gr.Error(sentence, print_exception=False)
 
 
 def check_uploaded(path, cache_dir: str) -> str:
@@ -54,46 +93,176 @@ def check_uploaded(path, cache_dir: str) -> str:
     raise refusal(NOT_UPLOADED)
 
 
+def _is_remote(value) -> bool:
+    return isinstance(value, str) and value[:8].lower().startswith(("http://", "https://"))
+
+
+def fetching_allowed() -> bool:
+    """VIT_DEMO_FETCH_IMAGES=1: images given by a web address are fetched (off by default)."""
+    return os.environ.get("VIT_DEMO_FETCH_IMAGES", "") == "1"
+
+
 class PhotoInput(gr.Image):
     """gr.Image that admits only uploaded files and readable, not too large images, each with one sentence."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        warm()  # the decode workers start while the page is built
 
     def get_block_name(self) -> str:
         return "image"
 
+    async def async_move_resource_to_block_cache(self, url_or_file_path):
+        if _is_remote(str(url_or_file_path)):  # Gradio would download it here: `preprocess` decides instead
+            return str(url_or_file_path)
+        return await super().async_move_resource_to_block_cache(url_or_file_path)
+
+    def move_resource_to_block_cache(self, url_or_file_path):
+        if _is_remote(str(url_or_file_path)):
+            return str(url_or_file_path)
+        return super().move_resource_to_block_cache(url_or_file_path)
+
     def preprocess(self, payload):
         if payload is None:
             return None
-        if not (getattr(payload, "url", None) or "").startswith("data:"):  # data: URLs are written into the cache
-            check_uploaded(getattr(payload, "path", None), self.GRADIO_CACHE)
+        url, path = getattr(payload, "url", None), getattr(payload, "path", None)
+        if isinstance(url, str) and url.startswith("data:"):
+            path = save_data_url(url, self.GRADIO_CACHE)
+        elif _is_remote(path) or (path is None and _is_remote(url)):
+            if not fetching_allowed():
+                raise refusal(REMOTE)
+            path = fetch(path if _is_remote(path) else url, self.GRADIO_CACHE)
+        check_uploaded(path, self.GRADIO_CACHE)
+        photo_header(path)
+        return path
+
+
+def save_data_url(url: str, cache_dir: str) -> str:
+    """An image sent inline as a data: URL -> its bytes in the upload cache, not decoded (the door reads them)."""
+    head, sep, body = url.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise refusal(UNREADABLE)
+    if len(body) > MAX_DATA_URL_BYTES * 4 // 3 + 4:
+        raise refusal(INLINE_TOO_LARGE)
+    try:
+        data = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise refusal(UNREADABLE) from e
+    return _save(data, cache_dir)
+
+
+def _save(data: bytes, cache_dir: str) -> str:
+    """`data` written to `cache_dir/<content hash>/image`, once."""
+    folder = Path(cache_dir) / hash_bytes(data)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "image"
+    if not path.exists():
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=".image.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(staging, path)
+    return str(path)
+
+
+def _public(ip: str) -> bool:
+    try:
+        address = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return False
+    return address.is_global and not address.is_multicast
+
+
+class _PinnedTransport(httpx.HTTPTransport):
+    """Connects to the address that was checked, whatever the name resolves to by then (TLS still checks the name)."""
+
+    def __init__(self, ip: str):
+        super().__init__()
+        self.ip = ip
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        request.url = request.url.copy_with(host=self.ip)
+        request.headers["Host"] = host
+        request.extensions = {**request.extensions, "sni_hostname": host}
+        return super().handle_request(request)
+
+
+def fetch(url: str, cache_dir: str) -> str:
+    """An image at a public web address -> its bytes in the upload cache (only with VIT_DEMO_FETCH_IMAGES=1).
+
+    The name must resolve to public addresses only; redirects are not followed; the body is read as it arrives and
+    dropped past FETCH_BYTES, and the whole download past FETCH_SECONDS.
+    """
+    try:
+        target = httpx.URL(url)
+        port = target.port or (443 if target.scheme == "https" else 80)
+        addresses = {info[4][0] for info in socket.getaddrinfo(target.host, port, type=socket.SOCK_STREAM)}
+    except (httpx.InvalidURL, socket.gaierror, UnicodeError, ValueError) as e:
+        raise refusal(REMOTE_FAILED.format("the name does not resolve")) from e
+    if not addresses or not all(_public(ip) for ip in addresses):
+        raise refusal(REMOTE_PRIVATE)
+    deadline = time.monotonic() + FETCH_SECONDS
+    data = bytearray()
+    try:
+        with httpx.Client(transport=_PinnedTransport(sorted(addresses)[0]), timeout=FETCH_SECONDS,
+                          headers={"Accept-Encoding": "identity"}) as client:
+            with client.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise refusal(REMOTE_FAILED.format(f"HTTP {r.status_code}"))
+                if r.headers.get("content-encoding", "identity").lower() != "identity":
+                    raise refusal(REMOTE_FAILED.format("a compressed answer"))
+                declared = r.headers.get("content-length", "0")
+                if not declared.isdigit() or int(declared) > FETCH_BYTES:
+                    raise refusal(REMOTE_TOO_LARGE)
+                for chunk in r.iter_raw(64 * 1024):
+                    data += chunk
+                    if len(data) > FETCH_BYTES:
+                        raise refusal(REMOTE_TOO_LARGE)
+                    if time.monotonic() > deadline:
+                        raise refusal(REMOTE_FAILED.format(f"slower than {FETCH_SECONDS} s"))
+    except httpx.HTTPError as e:
+        raise refusal(REMOTE_FAILED.format(type(e).__name__)) from e
+    return _save(bytes(data), cache_dir)
+
+
+# Headers read so far, by path: uploads are named by a hash of their content, so a path's header never changes.
+_HEADERS: OrderedDict[str, decode.Header | decode.Refused] = OrderedDict()
+_HEADERS_LOCK = threading.Lock()
+_HEADERS_KEPT = 1024
+
+
+def photo_header(path: str) -> decode.Header:
+    """The header of an admitted file, read in a worker once per path; refusals in one sentence."""
+    with _HEADERS_LOCK:
+        known = _HEADERS.get(path)
+    if known is None:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                path = super().preprocess(payload)  # opens the file (its header) unless it is an SVG
-            if path is not None:
-                check_uploaded(path, self.GRADIO_CACHE)
-                header_estimate(path)  # gradio passes some uploads (SVG) through unopened: open every one here
-            return path
-        except gr.Error:
-            raise
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise refusal(TOO_LARGE) from e
-        except (UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError as e:
             raise refusal(UNREADABLE) from e
+        if decode.sniff(head) is None:  # not a format that is read: no worker needed to say so
+            known = decode.Refused("unreadable")
+        else:
+            try:
+                known = decode.header(path)
+            except decode.Refused as e:
+                known = e
+        with _HEADERS_LOCK:
+            _HEADERS[path] = known
+            while len(_HEADERS) > _HEADERS_KEPT:
+                _HEADERS.popitem(last=False)
+    if isinstance(known, decode.Refused):
+        raise refused(known)
+    return known
 
 
 def header_estimate(path: str, clf=None) -> int:
     """Bytes that decoding `path` for `clf` will take (for the costliest preprocessing when None), read from its
     header alone; refuses bombs and non-images."""
-    cfg = clf.preprocessor.cfg if clf is not None else preprocess.PreprocessConfig(backend="tensor")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return preprocess.decoded_bytes(im, cfg.mode, cfg.backend)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise refusal(TOO_LARGE) from e
-    except (UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
-        raise refusal(UNREADABLE) from e
+    header = photo_header(path)
+    return header.estimate("RGB", "tensor") if clf is None else header.estimate(clf.preprocessor.cfg.mode,
+                                                                                clf.preprocessor.cfg.backend)
 
 
 class DecodeBudget:
@@ -131,11 +300,28 @@ class DecodeBudget:
 BUDGET = DecodeBudget()
 
 
-@contextlib.contextmanager
-def decoding(path: str, clf=None):
-    """Holds the budget for decoding `path` (an image PhotoInput admitted) for `clf` while the block runs."""
-    with BUDGET.hold(header_estimate(path, clf)):
-        yield
+def photo_crop(path: str, clf) -> torch.Tensor:
+    """The crop `clf` sees of a photo PhotoInput admitted, uint8 (C, H, W): kept from an earlier request, or
+    decoded in a worker process while holding its estimate of the decode budget (and only while decoding).
+
+    Raises:
+        gr.Error: one sentence for anything that goes wrong while reading the image.
+    """
+    kept = clf.kept_crop(path)
+    if kept is not None:
+        return kept
+    cfg = clf.preprocessor.cfg
+    estimate = photo_header(path).estimate(cfg.mode, cfg.backend)
+    with BUDGET.hold(estimate):
+        try:
+            return torch.from_numpy(decode.crop(path, cfg, estimate))
+        except decode.Refused as e:
+            raise refused(e) from e
+
+
+def warm() -> None:
+    """Starts the decode workers in the background, so that the first photo does not wait for them."""
+    threading.Thread(target=decode.WORKERS.warm, name="vit-demo-decode-warm", daemon=True).start()
 
 
 def _return_free_memory() -> None:
@@ -219,7 +405,7 @@ class Frame:
             image = Image.open(io.BytesIO(self.data), formats=[self.format])
             image.load()
             return image
-        except (UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever the decoder raises, one sentence
             raise refusal(FRAME_UNREADABLE) from e
 
 
@@ -241,11 +427,18 @@ def read_frame(url) -> Frame:
         raise refusal(NOT_A_FRAME)
     try:
         data = base64.b64decode(body, validate=True)
+        if decode.sniff(data[:16]) != FORMATS[mime]:
+            raise refusal(FRAME_UNREADABLE)
+        decode.check_structure(data, FORMATS[mime])  # JPEG scans, PNG chunks: before Pillow parses anything
         with Image.open(io.BytesIO(data), formats=[FORMATS[mime]]) as im:  # the header only, of the type it claims
             fmt, size, mode = im.format, im.size, im.mode
+    except gr.Error:
+        raise
     except Image.DecompressionBombError as e:
         raise refusal(FRAME_TOO_LARGE) from e
-    except (binascii.Error, UnidentifiedImageError, ValueError, OSError, SyntaxError) as e:
+    except decode.Refused as e:
+        raise refusal(SCANS if e.reason == "scans" else FRAME_UNREADABLE) from e
+    except Exception as e:  # noqa: BLE001 - whatever the header parser raises, one sentence
         raise refusal(FRAME_UNREADABLE) from e
     if size[0] * size[1] > MAX_FRAME_MEGAPIXELS * 1_000_000:
         raise refusal(FRAME_TOO_LARGE)

@@ -21,7 +21,7 @@ from .. import inside as ins
 from ..classifier import Classifier
 from . import checks
 from .common import DAMAGED, Shared, gpu, need
-from .guard import ResultImage, decoding
+from .guard import ResultImage, photo_crop
 
 TAB = "Inside"  # the tab's label, as the page's open-tab state holds it
 COMPONENTS = 28  # principal components of the patch-embedding filters drawn (fewer when the filters have fewer)
@@ -75,8 +75,7 @@ def _model_figures(clf: Classifier) -> tuple:
 def _attend(clf: Classifier, path: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The crop the model saw and every layer's attention, for a photo the guard admitted."""
     try:
-        with decoding(path, clf):
-            crop, attns, _ = clf.attention(path, key=path)
+        crop, attns, _ = clf.attention(photo_crop(path, clf), key=path)
     except (OSError, SyntaxError) as e:
         raise checks.refusal(DAMAGED) from e
     return crop, attns

@@ -82,12 +82,12 @@ def build(shared: Shared) -> None:
             return gr.skip(), gr.skip(), gr.skip()
         clf = shared.classifier(model)
         start = time.perf_counter()
-        with BUDGET.hold(frame.nbytes):
-            image = frame.decode()
-            if show_map is True:
-                top, overlay = attention_map(clf, image, TOP_K)
-            else:
-                top, overlay = clf.predict(image, k=TOP_K), gr.skip()
+        with BUDGET.hold(frame.nbytes):  # the decode only: the frame is dropped once cropped
+            crop = clf.crop(frame.decode())
+        if show_map is True:
+            top, overlay = attention_map(clf, crop, TOP_K)
+        else:
+            top, overlay = clf.predict(crop, k=TOP_K), gr.skip()
         ms = 1000 * (time.perf_counter() - start)
         precision = "" if clf.dtype == torch.float32 else f" in {str(clf.dtype).removeprefix('torch.')}"
         info = (f"**{shared.display_name(model)}**: {frame.size[0]}×{frame.size[1]} frame answered in {ms:.0f} ms "
