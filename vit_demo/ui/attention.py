@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..classifier import Classifier
 from ..explain import CLASS_SPECIFIC, DEFAULT_DISCARD_RATIO, DESCRIPTIONS, HEAD_FUSIONS, METHODS, OPTIONS
-from . import checks, faith, figures
+from . import checks, fair, faith, figures
 from .classify import percent
 from .common import DAMAGED, Shared, gpu, probabilities, relay
 from .guard import ResultImage, photo_crop
@@ -202,13 +202,13 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
     c = controls
     inputs = [shared.photo, method, shared.model, c["layer"], c["head"], c["head_fusion"], c["discard_ratio"], c["alpha"],
               target]
-    live = dict(api_visibility="private", show_progress_on=overlay, trigger_mode="always_last")
+    live = dict(api_visibility="private", show_progress_on=overlay, trigger_mode="always_last", **fair.lane("heavy"))
 
     shared.clears(overlay, crop, map_caption, colour_bar, target)
     shared.on_photo(draw_if_open, [shared.open_tab, *inputs[:-1]], outputs, api_name="explain_photo",
-                    show_progress_on=overlay)
+                    show_progress_on=overlay, **fair.lane("heavy"))
     shared.on_model(reset_controls, [shared.model], [c["layer"], c["head"]], api_name="explain_controls")
-    button.click(explain, inputs, [overlay, extras], api_name="explain").success(
+    button.click(explain, inputs, [overlay, extras], api_name="explain", **fair.lane("heavy")).success(
         relay(len(outputs) - 1), extras, outputs[1:], api_name="show_extras", api_visibility="private"
     )
     method.input(show_controls, method, [*controls.values(), about, target, score_button], api_name="explain_method",

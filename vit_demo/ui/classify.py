@@ -18,7 +18,7 @@ import torch
 from ..classifier import Classifier
 from ..registry import BUNDLED_NAME
 from ..runtime import MAX_BATCH
-from . import checks
+from . import checks, fair
 from .common import DAMAGED, Shared, gpu, need, relay
 from .guard import photo_crop
 
@@ -126,7 +126,7 @@ def build(shared: Shared) -> None:
     page_view = gr.State()  # the button's answer as the page shows it (gradio_client does not see State)
 
     shared.clears(shown, answered)
-    work = dict(concurrency_limit=MAX_BATCH, concurrency_id="classify")
+    work = fair.lane("cheap")
     shared.on_photo(answer_page, [shared.photo, top_k, shared.model], [shown, answered], api_name="answer_photo",
                     show_progress="minimal", **work)
     shared.on_model(note_for, [shared.model], [note], api_name="fallback_note")

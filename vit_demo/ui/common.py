@@ -17,6 +17,7 @@ import torch
 from ..classifier import Classifier
 from ..hub import ModelLoadError, looks_local
 from ..registry import BUNDLED, BUNDLED_NAME, Registry
+from . import fair
 from .checks import model_name, refusal
 
 try:  # On Hugging Face ZeroGPU hardware, inference runs under spaces.GPU; elsewhere this changes nothing.
@@ -101,7 +102,9 @@ class Shared:
     def classifier(self, name) -> Classifier:
         """The loaded model a request names (the default when empty); refusals in one sentence."""
         try:
-            return self.registry.get(self.resolve(name))
+            name = self.resolve(name)
+            fair.count_switch(self.registry, name)  # a load counts against the client's share of switches
+            return self.registry.get(name)
         except ModelLoadError as e:
             raise refusal(self.public(str(e))) from e
 

@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from ..explain import DEFAULT_DISCARD_RATIO
-from . import checks, figures
+from . import checks, fair, figures
 from .classify import percent
 from .common import DAMAGED, Shared, gpu, relay
 from .guard import photo_crop
@@ -196,7 +196,7 @@ def wire_score(shared: Shared, panel: tuple, method, target, controls: dict) -> 
     view = gr.State()  # the page's view of the same answer (gradio_client does not see State)
     inputs = [shared.photo, method, target, shared.model, c["layer"], c["head"], c["head_fusion"], c["discard_ratio"]]
     button.click(faithfulness, inputs, [data, view], api_name="faithfulness", show_progress_on=scores,
-                 concurrency_limit=2, concurrency_id="faithfulness").success(
+                 **fair.lane("heavy")).success(
         relay(2), view, [scores, plot], api_name="show_faithfulness", api_visibility="private"
     )
     shared.clears(scores)
@@ -241,7 +241,7 @@ def build_compare(shared: Shared, target, controls: dict, alpha) -> None:
     c = controls
     inputs = [shared.photo, target, shared.model, c["layer"], c["head"], c["head_fusion"], c["discard_ratio"], alpha]
     button.click(compare, inputs, [tiles, table], api_name="compare", api_visibility="private",
-                 show_progress_on=tiles, concurrency_limit=2, concurrency_id="faithfulness")
+                 show_progress_on=tiles, **fair.lane("heavy"))
     shared.clears(tiles, table)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .. import inside as ins
 from ..classifier import Classifier
-from . import checks
+from . import checks, fair
 from .common import DAMAGED, Shared, gpu, need
 from .guard import ResultImage, photo_crop
 
@@ -179,15 +179,15 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
     for changed, name in ((shared.photo.change, "inside_clear_photo"), (shared.model.input, "inside_clear_model")):
         changed(lambda: (None, None), None, [distances, table], queue=False, api_name=name, **quiet)
     shared.on_model(model_parts, [shared.model], [filters, filters_caption, positions, positions_caption],
-                    api_name="inside_model")
+                    api_name="inside_model", **fair.lane("heavy"))
     shared.on_photo(photo_parts_if_open, [shared.open_tab, shared.photo, shared.model], photo_outputs,
-                    api_name="inside_photo")
+                    api_name="inside_photo", **fair.lane("heavy"))
     if tab is not None:
         tab.select(model_parts, [shared.model], [filters, filters_caption, positions, positions_caption],
-                   api_name="inside_open_model", **quiet)
+                   api_name="inside_open_model", **quiet, **fair.lane("heavy"))
         tab.select(photo_parts, [shared.photo, shared.model], photo_outputs, api_name="inside_open_photo",
-                   trigger_mode="always_last", **quiet)
-    table_button.click(attention_distance, [shared.photo, shared.model], table, api_name="attention_distance")
+                   trigger_mode="always_last", **quiet, **fair.lane("heavy"))
+    table_button.click(attention_distance, [shared.photo, shared.model], table, api_name="attention_distance", **fair.lane("heavy"))
 
 
 def counts_text(counts: dict) -> str:

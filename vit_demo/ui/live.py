@@ -34,6 +34,7 @@ from PIL import Image
 
 from .. import explain
 from ..runtime import MAX_BATCH
+from . import fair
 from .common import Shared, gpu
 from .guard import BUDGET, Frame, LiveFrame
 
@@ -113,4 +114,4 @@ def build(shared: Shared) -> None:
                     api_visibility="private", show_progress="hidden")
     camera.stream(live, [camera, shared.model, show_map], [label, live_map, info], api_name="live",
                   api_visibility="private", stream_every=FRAME_EVERY_S, time_limit=LIVE_SECONDS,
-                  concurrency_limit=MAX_STREAMS, concurrency_id="live", show_progress="hidden")
+                  show_progress="hidden", **fair.lane("cheap"))  # fair.py bounds the streams, per client too

@@ -28,7 +28,8 @@ from ..registry import BUNDLED_NAME, Registry, bundled_available
 from . import attention, checks, classify, inside, live
 from .common import Shared, display_names, facts, without_paths
 from .guard import EXAMPLES_DIR, PhotoInput
-from .server import RequestLimits, cache_lifespan, cache_seconds
+from . import fair
+from .server import RequestLimits, cache_lifespan, cache_seconds, guarded_server
 
 log = logging.getLogger("vit_demo.ui")
 
@@ -86,7 +87,8 @@ LAUNCH_KWARGS = dict(css=CSS, js=JS, theme=gr.themes.Soft(), max_file_size=MAX_F
 class Page(gr.Blocks):
     """gr.Blocks that brings its own protections to every launch, and answers every input error in a sentence.
 
-    - `launch` adds the request limits and the cache sweep of `server.py`, however the page is launched.
+    - `launch` adds the request and connection limits and the cache sweep of `server.py`, however the page is
+      launched; `queue` is Gradio's queue with the lanes and per-client bounds of `fair.py`.
     - Failures of Gradio's own input handling (too few inputs, a file outside the upload cache, a value of the
       wrong shape) become one sentence instead of a bare "Error".
     - An event a raw request calls out of turn (a browser-only event, an example that is not one) is refused in
@@ -97,7 +99,15 @@ class Page(gr.Blocks):
         app_kwargs = dict(app_kwargs or {})
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(RequestLimits)]
         app_kwargs.setdefault("lifespan", cache_lifespan(self.GRADIO_CACHE, self._kept_files))
-        return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
+        fair.raise_open_files()
+        fair.limit_log()
+        with guarded_server() as self.connections:
+            return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
+
+    def queue(self, *args, **kwargs):
+        super().queue(*args, **kwargs)
+        fair.FairQueue.replace(self)
+        return self
 
     def _kept_files(self) -> set[str]:
         return {f for block in self.blocks.values() for f in getattr(block, "keep_in_cache", ())}
@@ -118,7 +128,12 @@ class Page(gr.Blocks):
         data = getattr(bound.arguments.get("event_data"), "_data", None)
         if _takes_select_data(fn.fn) and not (isinstance(data, dict) and {"index", "value"} <= data.keys()):
             raise checks.refusal("This event's data is not what the page sends: use the page.")
-        return await super().call_function(block_fn, processed_input, *args, **kwargs)
+        try:
+            return await super().call_function(block_fn, processed_input, *args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as e:  # escaped the app's checks: one sentence, and the log's rate limit
+            raise fair.escaped(e) from e
 
 
 def _unreachable(error: BaseException | None) -> bool:
@@ -208,7 +223,7 @@ def build_demo(registry: Registry | None = None) -> gr.Blocks:
                     with gr.Tab("Live", id="live"):
                         live.build(shared)
         _wire(shared, tabs, model_info, model_note)
-    demo.queue(max_size=64, default_concurrency_limit=4)
+    demo.queue(default_concurrency_limit=4)  # Page.queue: the lanes and bounds of fair.py
     demo.registry = registry
     return demo
 
@@ -285,7 +300,8 @@ def _wire(shared: Shared, tabs: gr.Tabs, model_info, model_note) -> None:
             raise gr.Error("The model did not change.", visible=False, print_exception=False)
 
     dep = model.input(load_model, [model, serving], [model, serving, model_info, model_note, loaded],
-                      api_name="select_model", api_visibility="private", show_progress_on=model_info)
+                      api_name="select_model", api_visibility="private", show_progress_on=model_info,
+                      **fair.lane("heavy"))
     dep = dep.then(go_on, loaded, None, queue=False, api_name="model_loaded", **quiet)
     for i, (fn, inputs, outputs, kwargs) in enumerate(shared.model_handlers):
         dep = (dep.success if i == 0 else dep.then)(fn, inputs, outputs, **{**quiet, **kwargs})

@@ -1,0 +1,446 @@
+"""One policy for what every visitor shares: the queue and CPU time, model switches, and the log.
+
+- **Lanes.** Every queued event runs in one of three lanes, each with one concurrency limit shared by all of its
+  events (Gradio's `concurrency_id`): `cheap` (/classify and the live stream), `heavy` (everything that runs the
+  explicit attention path, gradients or many forward passes: maps, scores, Compare, Inside, loading a model) and
+  `page` (small follow-ups of the page). Each lane has its own bounded wait; a heavy request past it is refused at
+  once with "busy: N requests ahead, try again in about T s", so heavy work never takes the room of cheap work.
+- **Clients.** A client is a session, and also an address (behind a trusted proxy, the address its forwarded
+  header names, `VIT_DEMO_TRUSTED_HOPS`). Each has a bound on the jobs it has waiting or running in each lane, on
+  live streams, and on model switches a minute.
+- **Callers that left.** A job whose caller never listened for its answer is dropped before it runs.
+- **The log.** Every log line (the app's, Gradio's, uvicorn's, asyncio's, and exceptions that escape the app's
+  checks) goes through one rate limit: a few lines a minute for each kind, the rest counted; a traceback is
+  written once per kind.
+
+Figures are in the README ("Limits on a public Space"); `tests/test_crowd.py` checks them over the launched app.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import threading
+import time
+import traceback
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+import gradio as gr
+from gradio import route_utils
+from gradio.queueing import Event, Queue
+from gradio.server_messages import ProcessCompletedMessage
+from gradio.utils import error_payload
+
+from ..runtime import MAX_BATCH
+
+log = logging.getLogger("vit_demo.ui")
+
+
+def env_int(name: str, default: int, low: int = 0) -> int:
+    """A whole-number setting from the environment (a bad value is named in a warning and the default used)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return max(low, int(raw))
+    except ValueError:
+        log.warning("%s is not a whole number; using %d.", name, default)
+        return default
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The numbers of the policy (README, "Limits on a public Space"), read from the environment at build."""
+
+    heavy_limit: int  # heavy jobs running at once, all events together
+    heavy_wait: int  # heavy jobs waiting; past that, "busy"
+    cheap_limit: int = MAX_BATCH  # /classify and live streams running at once (their forward passes are shared)
+    cheap_wait: int = 64
+    page_wait: int = 64
+    session_jobs: tuple = (("cheap", 4), ("heavy", 2), ("page", 8))  # waiting or running, per session
+    address_jobs: tuple = (("cheap", 32), ("heavy", 4), ("page", 64))  # the same per address
+    streams: int = MAX_BATCH // 2  # live streams at once: the other half of the cheap lane stays for /classify
+    address_streams: int = 2  # live streams at once from one address (one per session)
+    stream_starts: int = 4  # live stream (re)starts per client per minute
+    switches: int = 4  # loads of a model not already loaded, per client per minute
+    gone_after_s: float = 5.0  # a job whose caller has not listened for this long is dropped before it runs
+
+    @classmethod
+    def from_env(cls) -> Policy:
+        cores = os.cpu_count() or 1
+        return cls(heavy_limit=env_int("VIT_DEMO_HEAVY_LIMIT", max(1, cores // 2), 1),
+                   heavy_wait=env_int("VIT_DEMO_HEAVY_WAIT", 4, 0),
+                   switches=env_int("VIT_DEMO_SWITCHES_PER_MINUTE", 4, 0))
+
+
+CHEAP, HEAVY, PAGE = "cheap", "heavy", "page"
+
+
+def lane(name: str) -> dict:
+    """The keyword arguments that put a Gradio event in a lane: `button.click(fn, ..., **fair.lane("heavy"))`.
+    The limit given here is a placeholder: `FairQueue` sets each lane's limit from the Policy."""
+    assert name in (CHEAP, HEAVY), name
+    return dict(concurrency_id=name, concurrency_limit=1)
+
+
+def lane_of(fn) -> str:
+    return fn.concurrency_id if fn.concurrency_id in (CHEAP, HEAVY) else PAGE
+
+
+# --- who is asking ------------------------------------------------------------------------------------------------
+
+def trusted_hops() -> int:
+    """VIT_DEMO_TRUSTED_HOPS: how many proxies in front of the app append to X-Forwarded-For (default 1 on a
+    Hugging Face Space, where SPACE_ID is set, else 0: the header is ignored and the peer address used)."""
+    return env_int("VIT_DEMO_TRUSTED_HOPS", 1 if os.environ.get("SPACE_ID") else 0, 0)
+
+
+def address(scope: dict, hops: int | None = None) -> str:
+    """The client's address for an ASGI scope: the peer, or, behind `hops` trusted proxies, the address that the
+    outermost trusted proxy saw (the `hops`-th entry of X-Forwarded-For from the right)."""
+    hops = trusted_hops() if hops is None else hops
+    peer = (scope.get("client") or ("?", 0))[0]
+    if hops <= 0:
+        return peer
+    forwarded = [v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-forwarded-for"]
+    entries = [e.strip() for e in ",".join(forwarded).split(",") if e.strip()]
+    if not entries:
+        return peer
+    return entries[-hops] if len(entries) >= hops else entries[0]
+
+
+@dataclass(frozen=True)
+class Client:
+    session: str
+    address: str
+
+
+current_client: contextvars.ContextVar[Client | None] = contextvars.ContextVar("current_client", default=None)
+
+
+def client_of(event: Event) -> Client:
+    request = getattr(event, "request", None)
+    scope = getattr(request, "scope", None) or {}
+    return Client(event.session_hash or "", address(scope))
+
+
+# --- who is listening ---------------------------------------------------------------------------------------------
+
+class Listeners:
+    """Which sessions and events have a stream open for their answers (kept by server.RequestLimits)."""
+
+    def __init__(self):
+        self._open: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def opened(self, key: str) -> None:
+        with self._lock:
+            self._open[key] += 1
+
+    def closed(self, key: str) -> None:
+        with self._lock:
+            self._open[key] -= 1
+            if self._open[key] <= 0:
+                del self._open[key]
+
+    def listening(self, *keys: str) -> bool:
+        return any(k in self._open for k in keys if k)
+
+
+LISTENERS = Listeners()
+
+
+# --- the queue ----------------------------------------------------------------------------------------------------
+
+def busy(ahead: int, seconds: float) -> str:
+    return f"busy: {ahead} requests ahead, try again in about {max(1, round(seconds))} s."
+
+
+class FairQueue(Queue):
+    """Gradio's queue with the lanes and per-client bounds of the module doc applied on admission, and callers
+    that left dropped before their job starts. Refusals reach the caller as the job's error, in one sentence."""
+
+    def __init__(self, *args, policy: Policy | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.policy = policy or Policy.from_env()
+        self.lane_seconds = {CHEAP: 0.2, HEAVY: 2.0, PAGE: 0.1}  # mean run time, for the "try again" estimate
+        self.stream_starts: dict[Client, deque] = defaultdict(deque)
+        self.dropped = 0
+        self._last_drop = 0.0
+
+    @classmethod
+    def replace(cls, demo: gr.Blocks, policy: Policy | None = None) -> FairQueue:
+        """Swaps the queue of `demo` (after `demo.queue()`) for a FairQueue with the same settings."""
+        old = demo._queue
+        queue = cls(live_updates=old.live_updates, concurrency_count=old.max_thread_count,
+                    update_intervals=old.update_intervals, max_size=None, blocks=demo,
+                    default_concurrency_limit=old.default_concurrency_limit, policy=policy)
+        demo._queue = queue
+        return queue
+
+    def limit_of(self, name: str) -> int | None:
+        return {CHEAP: self.policy.cheap_limit, HEAVY: self.policy.heavy_limit}.get(name)
+
+    def create_event_queue_for_fn(self, block_fn) -> None:
+        super().create_event_queue_for_fn(block_fn)
+        limit = self.limit_of(block_fn.concurrency_id)
+        if limit is not None:
+            self.event_queue_per_concurrency_id[block_fn.concurrency_id].concurrency_limit = limit
+
+    # what is waiting and running, by lane and client
+
+    def _jobs(self):
+        for q in self.event_queue_per_concurrency_id.values():
+            for event in q.queue:
+                yield event, False
+        for job in self.active_jobs:
+            for event in job or ():
+                yield event, True
+
+    def refusal(self, fn, client: Client) -> str | None:
+        """Why a new job of `fn` for `client` is not admitted, in one sentence; None to admit it."""
+        p, name = self.policy, lane_of(fn)
+        waiting = running = by_session = by_address = streams = session_streams = address_streams = 0
+        for event, is_running in self._jobs():
+            other = client_of(event)
+            same_lane = lane_of(event.fn) == name
+            if same_lane:
+                running += is_running
+                waiting += not is_running
+                by_session += bool(client.session) and other.session == client.session
+                by_address += other.address == client.address
+            if event.streaming:
+                streams += 1
+                session_streams += bool(client.session) and other.session == client.session
+                address_streams += other.address == client.address
+        if fn.connection == "stream":
+            starts = self.stream_starts[client]
+            while starts and time.monotonic() - starts[0] > 60:
+                starts.popleft()
+            if session_streams >= 1 or address_streams >= p.address_streams:
+                return "You already have a live view running: stop it (or close its tab) before starting another."
+            if len(starts) >= p.stream_starts:
+                return (f"The live view was started {len(starts)} times in the last minute from here: wait a minute, "
+                        "then press Record again.")
+            if streams >= p.streams:
+                return f"The live view is full ({streams} visitors are using it): try again in about a minute."
+        session_cap, address_cap = dict(p.session_jobs)[name], dict(p.address_jobs)[name]
+        if by_session >= session_cap or by_address >= address_cap:
+            mine = by_session if by_session >= session_cap else by_address
+            return (f"You have {mine} requests of this kind waiting or running: wait for their answers before "
+                    "sending more.")
+        room = {CHEAP: p.cheap_wait, HEAVY: p.heavy_wait, PAGE: p.page_wait}[name]
+        limit = self.limit_of(name)
+        if waiting >= room and (limit is None or running >= limit):
+            ahead = waiting + running
+            return busy(ahead, (ahead + 1) * self.lane_seconds[name] / max(1, limit or 1))
+        return None
+
+    async def push(self, body, request, username):
+        try:
+            fn = route_utils.get_fn(self.blocks, None, body)
+        except Exception:  # Gradio says what is wrong with the request itself
+            return await super().push(body, request, username)
+        client = Client(body.session_hash or "", address(request.scope))
+        why = self.refusal(fn, client)
+        if why is None:
+            if fn.connection == "stream":
+                self.stream_starts[client].append(time.monotonic())
+            return await super().push(body, request, username)
+        log.info("refused: %s", why)
+        if body.session_hash and not LISTENERS.listening(body.session_hash) and \
+                body.session_hash in self.pending_messages_per_session and \
+                self.pending_messages_per_session[body.session_hash].qsize() > 8:
+            return False, why, "queue_full"  # nobody reads this session's answers: do not keep more for it
+        return self._refuse(fn, body, request, username, why)
+
+    def _refuse(self, fn, body, request, username, why: str):
+        """Answers a job with `why` as its error, without running it (a raw caller reads it from its stream)."""
+        event = Event(body.session_hash, fn, request, username)
+        if body.session_hash is None:
+            body.session_hash = event.session_hash
+        if body.session_hash not in self.pending_messages_per_session:
+            from asyncio import Queue as AsyncQueue
+            self.pending_messages_per_session[body.session_hash] = AsyncQueue()
+        self.pending_event_ids_session.setdefault(body.session_hash, set()).add(event._id)
+        content = error_payload(gr.Error(why, print_exception=False), True)
+        self.send_message(event, ProcessCompletedMessage(output=content, title="Busy", success=False))
+        return True, event._id, "success"
+
+    def get_events(self):
+        self._drop_gone()
+        return super().get_events()
+
+    def _drop_gone(self) -> None:
+        """Drops waiting jobs whose caller has not listened for their answer for `gone_after_s` (called under the
+        queue's lock, before a job is picked; at most every 0.2 s, as Gradio polls for work every millisecond)."""
+        now = time.monotonic()
+        if now - self._last_drop < 0.2:
+            return
+        self._last_drop = now
+        for q in self.event_queue_per_concurrency_id.values():
+            for event in [e for e in q.queue if now - e.enqueue_time > self.policy.gone_after_s]:
+                if not LISTENERS.listening(event.session_hash, event._id):
+                    q.queue.remove(event)
+                    self.event_ids_to_events.pop(event._id, None)
+                    ids = self.pending_event_ids_session.get(event.session_hash)
+                    if ids is not None:
+                        ids.discard(event._id)
+                        if not ids:
+                            self.pending_event_ids_session.pop(event.session_hash, None)
+                    self.dropped += 1
+
+    async def process_events(self, events, batch, begin_time, fn) -> None:
+        token = current_client.set(client_of(events[0]))
+        start = time.monotonic()
+        try:
+            await super().process_events(events, batch, begin_time, fn)
+        finally:
+            current_client.reset(token)
+            if fn.connection != "stream":
+                name = lane_of(fn)
+                self.lane_seconds[name] = 0.8 * self.lane_seconds[name] + 0.2 * (time.monotonic() - start)
+
+
+# --- model switches -----------------------------------------------------------------------------------------------
+
+class Switches:
+    """Loads of a model that is not loaded yet, counted per client over the last minute."""
+
+    def __init__(self):
+        self._seen: dict[object, deque] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def check(self, loaded: bool, per_minute: int, client: Client | None = None) -> None:
+        """Counts a switch for the current job's client when the model is not loaded; past `per_minute`, raises
+        a refusal in one sentence. Requests outside the queue (the Python API) are not counted."""
+        client = client or current_client.get()
+        if loaded or client is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for key in {client.session, client.address} - {""}:
+                seen = self._seen[key]
+                while seen and now - seen[0] > 60:
+                    seen.popleft()
+                if len(seen) >= per_minute:
+                    raise gr.Error(f"You have switched models {len(seen)} times in the last minute: keep the model "
+                                   "that is loaded, or wait a minute.", print_exception=False)
+            for key in {client.session, client.address} - {""}:
+                self._seen[key].append(now)
+            if len(self._seen) > 10_000:  # forget clients that stopped switching
+                for key in [k for k, v in self._seen.items() if not v or now - v[-1] > 60]:
+                    del self._seen[key]
+
+
+SWITCHES = Switches()
+
+
+def count_switch(registry, name: str) -> None:
+    """Call before `registry.get(name)` on a visitor's behalf: a load of a model not in memory counts against the
+    client's share of switches (VIT_DEMO_SWITCHES_PER_MINUTE, default 4)."""
+    SWITCHES.check(name in registry.loaded(), Policy.from_env().switches)
+
+
+# --- errors that escape the app's checks --------------------------------------------------------------------------
+
+def escaped(error: BaseException) -> gr.Error:
+    """An exception that escaped the app's own checks, logged through the rate limit (its traceback once per
+    kind), and turned into one sentence for the caller."""
+    log.error("Unexpected %s: %s", type(error).__name__, str(error)[:200], exc_info=error)
+    return gr.Error(f"Something went wrong on the server ({type(error).__name__}): try again, or try another photo.",
+                    print_exception=False)
+
+
+# --- the log ------------------------------------------------------------------------------------------------------
+
+LOG_LINES_PER_KIND = 5  # a minute
+LOG_LINES_PER_MINUTE = 60  # all kinds together
+
+
+class LogLimit(logging.Filter):
+    """One rate limit for every log line: at most LOG_LINES_PER_KIND lines a minute of each kind (logger, level
+    and message template, or the exception's type and where it was raised), and LOG_LINES_PER_MINUTE in all; the
+    rest are counted, and the count is added to the next line of that kind. A traceback is written once per kind."""
+
+    def __init__(self, per_kind: int = LOG_LINES_PER_KIND, per_minute: int = LOG_LINES_PER_MINUTE):
+        super().__init__()
+        self.per_kind, self.per_minute = per_kind, per_minute
+        self._lock = threading.Lock()
+        self._window = time.monotonic()
+        self._lines = 0
+        self._kinds: dict[tuple, int] = defaultdict(int)
+        self._dropped: dict[tuple, int] = defaultdict(int)
+        self._traced: set[tuple] = set()
+
+    @staticmethod
+    def kind(record: logging.LogRecord) -> tuple:
+        if record.exc_info and record.exc_info[1] is not None:
+            tb = traceback.extract_tb(record.exc_info[2])[-1:] if record.exc_info[2] else []
+            where = (tb[0].filename, tb[0].lineno) if tb else ()
+            return record.name, record.levelno, type(record.exc_info[1]).__name__, where
+        return record.name, record.levelno, str(record.msg)[:200]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_vit_demo_seen", None) is not None:  # the same record at a second handler
+            return record._vit_demo_seen
+        kind = self.kind(record)
+        with self._lock:
+            now = time.monotonic()
+            if now - self._window >= 60:
+                self._window, self._lines = now, 0
+                self._kinds.clear()
+            ok = self._kinds[kind] < self.per_kind and self._lines < self.per_minute
+            if ok:
+                self._kinds[kind] += 1
+                self._lines += 1
+                dropped = self._dropped.pop(kind, 0)
+                if dropped:
+                    record.msg = f"{record.msg} ({dropped} more like this were not logged)"
+                if record.exc_info:
+                    if kind in self._traced:
+                        record.exc_info, record.exc_text = None, None
+                        record.msg = f"{record.msg} (traceback logged before)"
+                    else:
+                        self._traced.add(kind)
+                        if len(self._traced) > 1000:
+                            self._traced.clear()
+            else:
+                self._dropped[kind] += 1
+                if len(self._dropped) > 1000:
+                    self._dropped.clear()
+        record._vit_demo_seen = ok
+        return ok
+
+
+LOG_LIMIT = LogLimit()
+
+
+def limit_log(limit: LogLimit = LOG_LIMIT) -> None:
+    """Puts `limit` on every handler of every logger there is now (the root's, uvicorn's, Gradio's)."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if limit not in handler.filters:
+                handler.addFilter(limit)
+    if limit not in logging.lastResort.filters:
+        logging.lastResort.addFilter(limit)
+
+
+def raise_open_files() -> tuple[int, int]:
+    """Raises the process's open-file soft limit to its hard limit; returns (soft, hard) after."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return -1, -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
