@@ -117,7 +117,7 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
         image: str,
         method: str = "rollout",
         model: str = shared.display(registry.default),
-        layer: int = depth,
+        layer: int | None = None,
         head: str = "mean",
         head_fusion: str = "mean",
         discard_ratio: float = DEFAULT_DISCARD_RATIO,
@@ -125,7 +125,8 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
         target: str | None = None,
     ):
         """Where the model looked, over the crop it saw; for "relevance" and "gradient_rollout", why it chose
-        `target` (a label; empty for the top class). Returns the overlay (and, for the page, the rest)."""
+        `target` (a label; empty for the top class). `layer` and `head` count from 1; left out, the last layer of
+        the model named and the mean of its heads. Returns the overlay (and, for the page, the rest)."""
         overlay, *rest = draw(image, method, model, layer, head, head_fusion, discard_ratio, alpha, target)
         return overlay, rest
 
@@ -177,6 +178,7 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
         "alpha": checks.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity", elem_id="alpha",
                                info="0 shows the crop alone, 1 the map alone."),
     }
+    controls["layer"].api_default = None  # for API callers: the last layer of the model they name (page.Page)
     button = gr.Button("Explain again", variant="secondary", elem_id="explain-btn")
     crop = ResultImage(label="The crop the model saw", type="pil", format="png", elem_id="crop", interactive=False,
                        height=224)

@@ -164,14 +164,15 @@ def wire_score(shared: Shared, panel: tuple, method, target, controls: dict) -> 
         method: str = "rollout",
         target: str | None = None,
         model: str = default,
-        layer: int = c["layer"].value,
+        layer: int | None = None,
         head: str = "mean",
         head_fusion: str = "mean",
         discard_ratio: float = DEFAULT_DISCARD_RATIO,
         progress=gr.Progress(),
     ):
         """How far one map can be trusted: deletion and insertion AUCs for the target class (empty: the top
-        class), with a random patch order's beside them. Only the options `method` reads are checked.
+        class), with a random patch order's beside them. Only the options `method` reads are checked; `layer`
+        and `head` count from 1, and left out mean the last layer of the model named and the mean of its heads.
 
         Returns:
             {"model", "method", "target" (label), "target_index", "probability", "deletion_auc" (lower is
