@@ -98,6 +98,25 @@ def test_explain_follows_the_target_for_class_specific_methods_only(served, frui
     assert np.array_equal(top, got[0]), "without a target the map should be the top class's"
 
 
+@pytest.mark.parametrize("api", ["/explain", "/faithfulness"])
+def test_layer_and_head_left_out_mean_the_last_layer_of_the_model_named(served, fruit, api):
+    """Only image, method and another model (the fruit model has 2 layers, the default model 6): the map and its
+    score are of the fruit model's last layer, not a refusal of the default model's depth."""
+    from gradio_client import handle_file
+
+    result = served["client"].predict(image=handle_file(CHELSEA), method="attention", model="fruit", api_name=api)
+    photo = Image.open(CHELSEA)
+    if api == "/explain":
+        want = np.asarray(fruit.explain(photo, "attention", layer=1), dtype=int)  # the second of two, from 0
+        assert np.abs(pixels(result) - want).max() <= 1, "not the fruit model's last layer"
+    else:
+        want = fruit.faithfulness(photo, "attention", layer=1)
+        assert (result["deletion_auc"], result["insertion_auc"]) == pytest.approx(
+            (want["deletion_auc"], want["insertion_auc"]), abs=1e-4)
+        other = fruit.faithfulness(photo, "attention", layer=0)["deletion_auc"]
+        assert other != pytest.approx(want["deletion_auc"], abs=1e-4), "the two layers' scores do not tell them apart"
+
+
 def test_the_trained_models_relevance_differs_between_its_top_two_classes(served, bundled):
     """The bundled model (trained) on a sneaker: the relevance maps for Sneaker and its runner-up differ, and the
     label may be given in any case."""

@@ -8,7 +8,11 @@ dataset-fashion-mnist) and compare predictions and attention maps.
 from __future__ import annotations
 
 import gzip
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +29,11 @@ fashion = pytest.mark.usefixtures("fashion_mnist")  # fails, not skips, without 
 
 
 @pytest.fixture
-def auto(monkeypatch):
+def auto(monkeypatch, tmp_path):
     """The automatic choice, with the CPU probes replaced: set `cpu.support` and `cpu.ratio`; `cpu.measured`
-    records the sizes the measurement was asked for."""
+    records the sizes the measurement was asked for. Measured ratios are kept in an empty store of its own."""
     monkeypatch.delenv("VIT_DEMO_PRECISION", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
 
     class Cpu:
@@ -52,7 +57,10 @@ def test_auto_picks_float32_on_a_cpu_without_fast_bfloat16(auto):
     assert runtime.inference_dtype(CPU) == torch.float32
     auto.support, auto.ratio = "avx512_bf16", 1.4  # has the instructions, but measured slower (as on some AMD EPYCs)
     assert runtime.inference_dtype(CPU) == torch.float32
-    auto.ratio = 0.8  # faster, but not by enough to give up float32's accuracy
+
+
+def test_a_ratio_short_of_the_margin_keeps_float32(auto):
+    auto.support, auto.ratio = "avx512_bf16", 0.8  # faster, but not by enough to give up float32's accuracy
     assert runtime.inference_dtype(CPU) == torch.float32
 
 
@@ -68,11 +76,44 @@ def test_auto_picks_bfloat16_where_avx512_bf16_is_measured_faster(auto):
     assert auto.measured == [(197, 768, 3072)]  # ViT-B/16's MLP: 196 patches + class token, 768 -> 3072
 
 
-def test_the_cpu_is_measured_at_the_model_s_own_sizes(auto):
-    auto.support, auto.ratio = "avx512_bf16", 1.0
+@pytest.mark.parametrize("sizes", [(7 * 7 + 1, 128, 256), (197, 192, 768), (197, 384, 1536)],
+                         ids=["bundled", "DeiT-tiny", "ViT-S/16"])
+def test_small_models_get_float32_by_size_without_a_measurement(auto, sizes):
+    """Their products take microseconds to a millisecond, and timing them swings around the threshold."""
+    auto.support, auto.ratio = "avx512_bf16", 0.1  # were they measured, bfloat16 would win
+    assert runtime.cpu_bf16_decision(*sizes) == torch.float32
+    assert auto.measured == []
+
+
+def test_the_bundled_model_loads_in_float32_unmeasured(auto):
+    auto.support, auto.ratio = "avx512_bf16", 0.1
     clf = load_classifier(BUNDLED, device="cpu")
     assert clf.dtype == torch.float32 and next(clf.model.parameters()).dtype == torch.float32
-    assert auto.measured == [(7 * 7 + 1, 128, 256)]  # 28x28 in 4x4 patches + class token; width 128, MLP 256
+    assert auto.measured == []  # 28x28 in 4x4 patches + class token, width 128, MLP 256: small
+
+
+def test_a_large_model_is_measured_at_its_own_sizes_once_then_read_back(auto):
+    from vit_demo.model import ViTConfig
+
+    auto.support, auto.ratio = "avx512_bf16", 0.5
+    at_384 = ViTConfig(img_size=384)
+    assert runtime.inference_dtype(CPU, at_384) == torch.bfloat16
+    assert auto.measured == [(24 * 24 + 1, 768, 3072)]
+    auto.ratio = 0.9  # a second start would measure otherwise; it reads the kept ratio instead
+    assert runtime.inference_dtype(CPU, at_384) == torch.bfloat16
+    assert auto.measured == [(577, 768, 3072)]
+    kept = json.loads(runtime.precision_store().read_text())
+    assert list(kept.values()) == [0.5] and "577x768x3072" in next(iter(kept)), kept
+
+
+def test_an_unwritable_store_measures_on_each_start(auto, tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # a file where the folder should be
+    auto.support, auto.ratio = "avx512_bf16", 0.5
+    assert runtime.inference_dtype(CPU) == torch.bfloat16
+    assert runtime.inference_dtype(CPU) == torch.bfloat16
+    assert len(auto.measured) == 2
 
 
 def test_auto_on_gpus_and_other_devices(auto, monkeypatch):
@@ -154,10 +195,68 @@ def test_the_capability_probe_agrees_with_the_kernel_s_cpu_flags():
     assert runtime.cpu_bf16_support() == expected, sorted(f for f in flags if "bf16" in f or "amx" in f)
 
 
-def test_the_measurement_gives_a_ratio_and_is_made_once():
-    first = runtime.cpu_bf16_time_ratio(8, 16, 32)
-    assert 0 < first < float("inf")
-    assert runtime.cpu_bf16_time_ratio(8, 16, 32) == first
+def test_the_measurement_times_what_it_says():
+    """The same product in the same precision on both sides takes the same time (a biased order or warm-up would
+    show here), and bfloat16's ratio goes the way the CPU's capability says: well under 1 with AMX, over 1 where
+    it is emulated."""
+    same = runtime.time_ratio(torch.float32, torch.float32, 197, 384, 1536, runtime.MEASURE_REPEATS)
+    assert 0.7 < same < 1.4, f"float32 against itself: {same:.2f}"
+    bf16 = runtime.cpu_bf16_time_ratio()  # ViT-B/16's MLP product
+    support = runtime.cpu_bf16_support()
+    print(f"{support}: bfloat16 takes {bf16:.2f}x float32's time")
+    if support == "amx":
+        assert bf16 < 0.8, bf16
+    elif support == "none":
+        assert bf16 > 1.0, bf16
+    calls = runtime.cpu_bf16_time_ratio.cache_info().hits
+    assert runtime.cpu_bf16_time_ratio() == bf16
+    assert runtime.cpu_bf16_time_ratio.cache_info().hits == calls + 1, "measured twice in one process"
+
+
+# Ten starts, each a process of its own with nothing measured or read yet: one parent imports runtime.py (and
+# torch) once and forks them one after the other; each makes the automatic choice on a CPU with avx512_bf16 and no
+# AMX (where it used to be a coin toss) for the bundled model, DeiT-tiny and ViT-B/16, and reports the three
+# choices and the sizes it measured.
+STARTS = r"""
+import importlib.util, json, os, sys, types
+spec = importlib.util.spec_from_file_location("runtime", sys.argv[1])
+runtime = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runtime)
+import torch
+runtime.cpu_bf16_support = lambda: "avx512_bf16"
+models = [types.SimpleNamespace(grid_size=g, num_prefix_tokens=1, embed_dim=d, mlp_dim=h)
+          for g, d, h in ((7, 128, 256), (14, 192, 768), (14, 768, 3072))]
+for _ in range(10):
+    read, write = os.pipe()
+    if os.fork() == 0:
+        os.close(read)
+        measured, measure = [], runtime.cpu_bf16_time_ratio
+        runtime.cpu_bf16_time_ratio = lambda *sizes: measured.append(sizes) or measure(*sizes)
+        choices = [str(runtime.inference_dtype(torch.device("cpu"), m)) for m in models]
+        os.write(write, json.dumps([choices, measured]).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        print(answer.read())
+    assert os.wait()[1] == 0
+"""
+
+
+def test_the_same_precision_on_ten_fresh_starts(tmp_path):
+    """Small models are decided by size; ViT-B/16 by one measurement that later starts read back."""
+    env = {k: v for k, v in os.environ.items() if k != "VIT_DEMO_PRECISION"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    done = subprocess.run([sys.executable, "-c", STARTS, runtime.__file__], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    starts = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(starts) == 10, done.stdout
+    choices = [choice for choice, _ in starts]
+    print("choices:", choices[0])
+    assert all(c == choices[0] for c in choices), choices
+    assert choices[0][:2] == ["torch.float32", "torch.float32"], "small models are float32 on these CPUs"
+    assert starts[0][1] == [[197, 768, 3072]], starts[0][1]  # only ViT-B/16 is timed...
+    assert all(measured == [] for _, measured in starts[1:]), starts  # ...once
 
 
 # --- what bfloat16 costs ----------------------------------------------------------------------------------------

@@ -35,6 +35,24 @@ def test_timm_create_transform(tmp_path, photo_name, arch):
     assert_close(actual, expected, ATOL, arch)
 
 
+@pytest.mark.parametrize("photo_name", ["chelsea.jpg", "rocket.jpg"])  # landscape and portrait photos
+@pytest.mark.parametrize("input_size, crop_pct, crop_mode", [
+    ((3, 224, 320), 0.875, "center"), ((3, 384, 192), 1.0, "center"), ((3, 224, 320), 0.9, "squash"),
+])
+def test_timm_non_square_input_keeps_the_aspect_ratio_like_timm(photo_name, input_size, crop_pct, crop_mode):
+    """A non-square input_size: timm scales the photo, aspect kept, to cover the size over crop_pct, then crops
+    (ResizeKeepRatio); "squash" scales each side on its own. Compared with timm's own transform."""
+    from timm.data import create_transform
+
+    from vit_demo.preprocess import Preprocessor, from_timm
+
+    cfg = dict(input_size=input_size, crop_pct=crop_pct, crop_mode=crop_mode, interpolation="bicubic",
+               mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    photo = Image.open(EXAMPLES / photo_name).convert("RGB")
+    expected = create_transform(**cfg)(photo).unsqueeze(0)
+    assert_close(Preprocessor(from_timm(cfg))(photo), expected, ATOL, f"{input_size} {crop_mode}")
+
+
 def test_torchvision_weights_transforms(tmp_path):
     from torchvision.models import ViT_B_16_Weights
 

@@ -33,7 +33,8 @@ class PreprocessError(ValueError):
 
 @dataclass
 class PreprocessConfig:
-    resize: int | tuple[int, int] | None = 256  # int: shorter side; (h, w): both sides, aspect not kept
+    resize: int | tuple[int, int] | None = 256  # int: shorter side; (h, w): both sides, aspect not kept...
+    keep_ratio: bool = False  # ...unless this is set: (h, w) then is covered, aspect kept (timm's ResizeKeepRatio)
     crop: tuple[int, int] | None = (224, 224)  # centre crop (h, w) after resizing; None: no crop
     interpolation: str = "bilinear"  # "bilinear", "bicubic", "nearest", "lanczos", "box" or "hamming"
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -82,7 +83,9 @@ def from_transformers(pp: dict) -> PreprocessConfig:
 def from_timm(pretrained_cfg: dict) -> PreprocessConfig:
     """timm's pretrained_cfg (input_size, crop_pct, crop_mode, interpolation, mean, std) -> PreprocessConfig.
 
-    timm evaluates with Resize(floor(size / crop_pct)) on the shorter side, then a centre crop.
+    timm evaluates with Resize(floor(size / crop_pct)) on the shorter side, then a centre crop; for a non-square
+    input_size, the image is scaled, aspect kept, until it covers floor(h / crop_pct) x floor(w / crop_pct), then
+    centre-cropped ("squash" scales each side on its own).
 
     Raises:
         PreprocessError: a crop mode or interpolation that vit_demo cannot follow.
@@ -90,10 +93,10 @@ def from_timm(pretrained_cfg: dict) -> PreprocessConfig:
     _, h, w = pretrained_cfg.get("test_input_size") or pretrained_cfg.get("input_size", (3, 224, 224))
     crop_pct = pretrained_cfg.get("test_crop_pct") or pretrained_cfg.get("crop_pct", 0.875)
     mode = pretrained_cfg.get("crop_mode", "center")
-    if mode == "squash":
+    if mode in ("squash", "center"):
         resize = (math.floor(h / crop_pct), math.floor(w / crop_pct))
-    elif mode == "center":
-        resize = math.floor(h / crop_pct) if h == w else (math.floor(h / crop_pct), math.floor(w / crop_pct))
+        if mode == "center" and h == w:
+            resize = resize[0]
     else:
         raise PreprocessError(f"timm crop_mode {mode!r} is not supported (center and squash are)")
     interpolation = pretrained_cfg.get("interpolation", "bicubic")
@@ -103,6 +106,7 @@ def from_timm(pretrained_cfg: dict) -> PreprocessConfig:
         )
     return PreprocessConfig(
         resize=resize,
+        keep_ratio=mode == "center" and h != w,
         crop=(h, w),
         interpolation=interpolation,
         mean=_floats(pretrained_cfg.get("mean", IMAGENET_MEAN)),
@@ -278,7 +282,9 @@ class Preprocessor:
         self.cfg = cfg
         geometry = []
         if cfg.resize is not None:
-            geometry.append(T.Resize(cfg.resize, interpolation=InterpolationMode(cfg.interpolation), antialias=True))
+            interpolation = InterpolationMode(cfg.interpolation)
+            geometry.append(_ResizeKeepRatio(cfg.resize, interpolation) if cfg.keep_ratio
+                            else T.Resize(cfg.resize, interpolation=interpolation, antialias=True))
         if cfg.crop is not None:
             geometry.append(T.CenterCrop(cfg.crop))
         geometry = T.Compose(geometry)
@@ -307,15 +313,35 @@ _PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic":
                 "box": Image.BOX, "hamming": Image.HAMMING}
 
 
+class _ResizeKeepRatio:
+    """Scales a PIL image, aspect kept, until it covers (h, w): timm's ResizeKeepRatio (longest=0) at evaluation."""
+
+    def __init__(self, size: tuple[int, int], interpolation: InterpolationMode):
+        self.size, self.interpolation = tuple(size), interpolation
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        nw, nh = _kept_ratio_size(*image.size, self.size)
+        return T.functional.resize(image, [nh, nw], interpolation=self.interpolation, antialias=True)
+
+
+def _kept_ratio_size(w: int, h: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of a w x h image scaled, aspect kept, to cover size (h, w); timm's rounding."""
+    ratio = min(h / size[0], w / size[1])
+    return round(w / ratio), round(h / ratio)
+
+
 def _crop_of_extreme_image(image: Image.Image, cfg: PreprocessConfig, slack: int = 4) -> torch.Tensor | None:
-    """Resize(shorter side) then CenterCrop, for an image so elongated that the resized copy would exceed `slack`
-    crops (3x4000 -> 248x330666): one PIL resize of just the source region the crop keeps, so memory stays at the
-    crop's size. None for ordinary images, which keep the exact Resize + CenterCrop path."""
-    if cfg.backend != "pil" or not isinstance(cfg.resize, int) or cfg.crop is None:
+    """Resize(shorter side, or aspect kept) then CenterCrop, for an image so elongated that the resized copy would
+    exceed `slack` crops (3x4000 -> 248x330666): one PIL resize of just the source region the crop keeps, so memory
+    stays at the crop's size. None for ordinary images, which keep the exact Resize + CenterCrop path."""
+    if cfg.backend != "pil" or not (isinstance(cfg.resize, int) or cfg.keep_ratio) or cfg.crop is None:
         return None
     w, h = image.size
     ch, cw = cfg.crop
-    nw, nh = (cfg.resize, int(cfg.resize * h / w)) if w <= h else (int(cfg.resize * w / h), cfg.resize)  # torchvision's rule
+    if cfg.keep_ratio:
+        nw, nh = _kept_ratio_size(w, h, cfg.resize)
+    else:
+        nw, nh = (cfg.resize, int(cfg.resize * h / w)) if w <= h else (int(cfg.resize * w / h), cfg.resize)  # torchvision's rule
     if max(nw, nh) <= slack * max(ch, cw) or cw > nw or ch > nh:
         return None
     top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))  # CenterCrop's offsets

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import os
+import platform
+import statistics
+import tempfile
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -24,18 +29,24 @@ _CAPTURE_LOCK = threading.Lock()  # CUDA captures one graph at a time per proces
 
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # VIT_DEMO_PRECISION's values besides "auto"
-BF16_FAST_ENOUGH = 0.7  # a CPU without AMX gets bfloat16 when its matrix products take at most this share of float32's time
+# CPUs with avx512_bf16 but no AMX: bfloat16 where the model's MLP product is big enough to gain from it and is
+# measured at most BF16_FAST_ENOUGH of float32's time. Smaller products are decided by size alone: their timings
+# swing from run to run (0.2x to 1.7x for DeiT-tiny's on one busy machine), and what they could save is little.
+BF16_MIN_MACS = 150_000_000  # multiply-adds of the MLP's first product below which float32 is kept unmeasured
+BF16_FAST_ENOUGH = 0.7
+MEASURE_REPEATS = 15  # interleaved rounds of the measurement; the median round's ratio decides
 
 
 def inference_dtype(device: torch.device, config=None) -> torch.dtype:
-    """The precision inference runs in on `device`.
+    """The precision inference runs in on `device`, the same on every start on one machine.
 
     `VIT_DEMO_PRECISION=float32|bfloat16` decides; unset, empty or `auto`, the device's fast precision:
     bfloat16 on CUDA GPUs that support it (on ZeroGPU without querying the GPU, which is lent only inside
-    calls); on CPUs bfloat16 where they have AMX, float32 where bfloat16 is emulated, and for CPUs with
-    avx512_bf16 but no AMX (faster on some, slower on others, and slower for small models) whichever a short
-    measurement of a matrix product of the model's size finds faster; float32 on MPS and other devices. Any
-    other value is named in a warning and treated as `auto`.
+    calls); on CPUs bfloat16 where they have AMX, float32 where bfloat16 is emulated; on CPUs with avx512_bf16
+    but no AMX (faster on some, slower on others, and slower for small models), float32 for models smaller than
+    BF16_MIN_MACS, and for larger ones whichever a measurement of a matrix product of the model's size finds
+    faster (see `cpu_bf16_decision`); float32 on MPS and other devices. Any other value is named in a warning
+    and treated as `auto`.
 
     Args:
         device: where the model will run.
@@ -58,10 +69,7 @@ def inference_dtype(device: torch.device, config=None) -> torch.dtype:
     if support == "amx":
         return torch.bfloat16
     if support == "avx512_bf16":
-        sizes = _mlp_sizes(config)
-        ratio = cpu_bf16_time_ratio(*sizes)
-        log.info("bfloat16 matrix products %s take %.2fx float32's time on this CPU.", sizes, ratio)
-        return torch.bfloat16 if ratio <= BF16_FAST_ENOUGH else torch.float32
+        return cpu_bf16_decision(*_mlp_sizes(config))
     return torch.float32
 
 
@@ -84,23 +92,104 @@ def _mlp_sizes(config) -> tuple[int, int, int]:
     return config.grid_size**2 + config.num_prefix_tokens, config.embed_dim, config.mlp_dim
 
 
+def cpu_bf16_decision(tokens: int, dim: int, hidden: int) -> torch.dtype:
+    """bfloat16 or float32 for a model whose MLP product is (tokens, dim) x (dim, hidden), on a CPU with
+    avx512_bf16 and no AMX.
+
+    Products under BF16_MIN_MACS get float32 without a measurement. Larger ones are measured once per CPU, torch
+    version, thread count and sizes (`cpu_bf16_time_ratio`), and the ratio is kept in
+    $XDG_CACHE_HOME/vit_demo/precision.json (~/.cache/vit_demo/ by default), so that every later start reads the
+    same ratio and serves the same precision; where that file cannot be written, each start measures again.
+    """
+    sizes = (tokens, dim, hidden)
+    if tokens * dim * hidden < BF16_MIN_MACS:
+        log.info("The model is small (MLP product %s): float32, without measuring.", sizes)
+        return torch.float32
+    key = _measurement_key(sizes)
+    ratio = _read_ratios().get(key)
+    if ratio is None:
+        ratio = cpu_bf16_time_ratio(*sizes)
+        _write_ratio(key, ratio)
+    dtype = torch.bfloat16 if ratio <= BF16_FAST_ENOUGH else torch.float32
+    log.info("bfloat16 matrix products %s take %.2fx float32's time on this CPU: %s.", sizes, ratio,
+             str(dtype).removeprefix("torch."))
+    return dtype
+
+
+def precision_store() -> Path:
+    """Where measured bfloat16/float32 ratios are kept: $XDG_CACHE_HOME/vit_demo/precision.json."""
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vit_demo" / "precision.json"
+
+
+def _measurement_key(sizes: tuple[int, int, int]) -> str:
+    """What a measured ratio holds for: this CPU's model, torch's version, its thread count, and the sizes."""
+    return f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {'x'.join(map(str, sizes))}"
+
+
 @functools.cache
-def cpu_bf16_time_ratio(tokens: int = 197, dim: int = 768, hidden: int = 3072, repeats: int = 5) -> float:
-    """bfloat16 time / float32 time of a ViT's MLP matrix product, (tokens, dim) x (dim, hidden), on this CPU:
-    the best of `repeats` interleaved runs each, after a warm-up; about 0.1 s for ViT-B/16's sizes (the
-    defaults), measured once per process and sizes."""
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _read_ratios() -> dict[str, float]:
+    try:
+        data = json.loads(precision_store().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and 0 < v < float("inf")}
+
+
+def _write_ratio(key: str, ratio: float) -> None:
+    """Adds one ratio to the store (written whole, then moved into place); a store that cannot be written is
+    left as it is."""
+    path = precision_store()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            json.dump({**_read_ratios(), key: ratio}, f, indent=1)
+        os.replace(f.name, path)
+    except OSError as e:
+        log.info("The measured precision could not be kept in %s (%s): the next start measures again.", path, e)
+
+
+@functools.cache
+def cpu_bf16_time_ratio(tokens: int = 197, dim: int = 768, hidden: int = 3072, repeats: int = MEASURE_REPEATS) -> float:
+    """bfloat16 time / float32 time of a ViT's MLP matrix product, (tokens, dim) x (dim, hidden), on this CPU.
+
+    Both run in each of `repeats` rounds after a warm-up round, in alternating order; the median of the rounds'
+    ratios is returned, so that a burst of other work during a few rounds does not move it. About 0.3 s for
+    ViT-B/16's sizes (the defaults); measured once per process and sizes.
+    """
+    return time_ratio(torch.float32, torch.bfloat16, tokens, dim, hidden, repeats)
+
+
+def time_ratio(base: torch.dtype, other: torch.dtype, tokens: int, dim: int, hidden: int, repeats: int) -> float:
+    """`other`'s time / `base`'s time for a (tokens, dim) x (dim, hidden) matrix product: the median over
+    `repeats` rounds, each timing both (in alternating order), after a warm-up round."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(tokens, dim, generator=g), torch.randn(hidden, dim, generator=g)
-    pairs = [(x, w), (x.bfloat16(), w.bfloat16())]
-    best = [float("inf"), float("inf")]
+    pairs = [(x.to(base), w.to(base)), (x.to(other), w.to(other))]
+    ratios = []
     with torch.inference_mode():
         for r in range(repeats + 1):
-            for i, (a, b) in enumerate(pairs):
+            took = [0.0, 0.0]
+            for i in ((0, 1) if r % 2 else (1, 0)):
+                a, b = pairs[i]
                 start = time.perf_counter()
                 torch.nn.functional.linear(a, b)
-                if r:  # the first round warms up
-                    best[i] = min(best[i], time.perf_counter() - start)
-    return best[1] / best[0]
+                took[i] = time.perf_counter() - start
+            if r:  # the first round warms up
+                ratios.append(took[1] / took[0])
+    return statistics.median(ratios)
 
 
 class GraphedForward:

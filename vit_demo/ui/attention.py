@@ -117,7 +117,7 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
         image: str,
         method: str = "rollout",
         model: str = shared.display(registry.default),
-        layer: int = depth,
+        layer: int | None = None,
         head: str = "mean",
         head_fusion: str = "mean",
         discard_ratio: float = DEFAULT_DISCARD_RATIO,
@@ -130,8 +130,8 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
             image: the photo, as a data URL ("data:image/jpeg;base64,..."; JPEG, PNG, WebP, BMP, GIF or TIFF; at most 20 MB, 40 megapixels).
             method: rollout (attention through all layers), attention (one layer), heads (a grid of one layer's heads), relevance or gradient_rollout (why `target`).
             model: which model answers, one of the names listed for this argument (default: the app's default model).
-            layer: attention, heads: which layer, a whole number from 1 to the model's depth (default: the last; 12 for ViT-B).
-            head: attention: "mean" for the mean of all heads, or one head's number from 1 ("3").
+            layer: attention, heads: which layer, a whole number from 1 to the model's depth (default: the last layer of the model named).
+            head: attention: "mean" for the mean of all heads (the default), or one head's number from 1 ("3").
             head_fusion: rollout: how each layer's heads are combined, mean, max or min.
             discard_ratio: rollout, gradient_rollout: share of each layer's weakest attention dropped, from 0 to 0.99.
             alpha: opacity of the map over the crop, from 0 (the crop alone) to 1 (the map alone).
@@ -190,6 +190,7 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
         "alpha": checks.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity", elem_id="alpha",
                                info="0 shows the crop alone, 1 the map alone."),
     }
+    controls["layer"].api_default = None  # for API callers: the last layer of the model they name (page.Page)
     button = gr.Button("Explain again", variant="secondary", elem_id="explain-btn")
     crop = ResultImage(label="The crop the model saw", type="pil", format="png", elem_id="crop", interactive=False,
                        height=224)

@@ -164,7 +164,7 @@ def wire_score(shared: Shared, panel: tuple, method, target, controls: dict) -> 
         method: str = "rollout",
         target: str | None = None,
         model: str = default,
-        layer: int = c["layer"].value,
+        layer: int | None = None,
         head: str = "mean",
         head_fusion: str = "mean",
         discard_ratio: float = DEFAULT_DISCARD_RATIO,
@@ -178,7 +178,7 @@ def wire_score(shared: Shared, panel: tuple, method, target, controls: dict) -> 
             method: the map to score: rollout, attention, relevance or gradient_rollout (not heads).
             target: the class whose probability is followed, a label as classify names it; empty for the top class.
             model: which model answers, one of the names listed for this argument (default: the app's default model).
-            layer: attention: which layer, a whole number from 1 to the model's depth (default: the last).
+            layer: attention: which layer, a whole number from 1 to the model's depth (default: the last layer of the model named).
             head: attention: "mean" for the mean of all heads, or one head's number from 1 ("3").
             head_fusion: rollout: how each layer's heads are combined, mean, max or min.
             discard_ratio: rollout, gradient_rollout: share of each layer's weakest attention dropped, from 0 to 0.99.

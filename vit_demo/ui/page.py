@@ -109,6 +109,22 @@ class Page(gr.Blocks):
         fair.FairQueue.replace(self)
         return self
 
+    def get_api_info(self, all_endpoints: bool = False, page: str | None = None):
+        """Gradio's API description, except that an input with an `api_default` attribute documents that default
+        to API callers (and gradio_client sends it when the caller leaves the input out) instead of the page's
+        first value: the layer slider starts at the default model's depth, while a caller who names another
+        model and no layer means that model's last layer."""
+        info = super().get_api_info(all_endpoints, page)
+        for fn in self.fns.values():
+            endpoint = info["named_endpoints"].get(f"/{fn.api_name}")
+            if endpoint is None:
+                continue
+            inputs = [block for block in fn.inputs if not getattr(block, "skip_api", False)]
+            for block, parameter in zip(inputs, endpoint["parameters"]):
+                if hasattr(block, "api_default"):
+                    parameter["parameter_has_default"], parameter["parameter_default"] = True, block.api_default
+        return info
+
     def _kept_files(self) -> set[str]:
         return {f for block in self.blocks.values() for f in getattr(block, "keep_in_cache", ())}
 
