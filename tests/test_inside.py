@@ -29,7 +29,8 @@ def np_centres(gh: int, gw: int, p: int) -> np.ndarray:
 
 
 def np_mean_attention_distance(attns, num_prefix, grid, p) -> np.ndarray:
-    """The definition, written out as loops: (layers, heads)."""
+    """The definition, written out as loops: (layers, heads). Each patch query's weights are renormalised over the
+    patch keys."""
     centres = np_centres(*grid, p)
     n = len(centres)
     out = np.zeros((len(attns), attns[0].shape[0]))
@@ -38,10 +39,15 @@ def np_mean_attention_distance(attns, num_prefix, grid, p) -> np.ndarray:
         for h in range(a.shape[0]):
             total = 0.0
             for i in range(n):
-                for j in range(n):
-                    total += a[h, num_prefix + i, num_prefix + j] * math.dist(centres[i], centres[j])
+                weights = a[h, num_prefix + i, num_prefix:]
+                total += sum(w * math.dist(centres[i], centres[j]) for j, w in enumerate(weights)) / weights.sum()
             out[layer, h] = total / n
     return out
+
+
+def np_prefix_share(attns, num_prefix) -> np.ndarray:
+    """The attention patch queries give the prefix keys, averaged over the queries: (layers, heads)."""
+    return np.stack([a.double().numpy()[:, num_prefix:, :num_prefix].sum(-1).mean(-1) for a in attns])
 
 
 def mean_pairwise_distance(gh: int, gw: int, p: int) -> float:
@@ -59,6 +65,30 @@ def test_mean_attention_distance_matches_numpy(num_prefix, grid, p):
     got = ins.mean_attention_distance(attns, num_prefix, grid, p)
     assert got.shape == (3, 4)
     assert_close(got, torch.from_numpy(np_mean_attention_distance(attns, num_prefix, grid, p)).float(), 1e-4, "distance")
+    share = ins.prefix_share(attns, num_prefix, grid)
+    assert_close(share, torch.from_numpy(np_prefix_share(attns, num_prefix)).float(), 1e-6, "prefix share")
+
+
+def test_a_head_that_sinks_into_the_class_token_is_not_called_local():
+    """90% on the class token and the rest spread evenly over the patches: the distance is that of even
+    attention over the patches (far more than a 4-neighbour head's p pixels), and the 90% is its prefix share."""
+    gh, gw, p = 5, 5, 4
+    n, N = gh * gw, 1 + gh * gw
+    sink = torch.zeros(N, N)
+    sink[:, 0] = 0.9
+    sink[:, 1:] = 0.1 / n
+    neighbours = torch.zeros(N, N)
+    neighbours[0, 0] = 1
+    for i in range(n):
+        r, c = divmod(i, gw)
+        around = [(r + dr, c + dc) for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)) if 0 <= r + dr < gh and 0 <= c + dc < gw]
+        for rr, cc in around:
+            neighbours[1 + i, 1 + rr * gw + cc] = 1 / len(around)
+    attns = [torch.stack([sink, neighbours])]  # one layer, two heads
+    got = ins.mean_attention_distance(attns, 1, (gh, gw), p)
+    assert_close(got, torch.tensor([[mean_pairwise_distance(gh, gw, p), float(p)]]), 1e-4, "sink and neighbours")
+    assert got[0, 0] > 2 * got[0, 1], "the sink head plots as more local than the neighbour head"
+    assert_close(ins.prefix_share(attns, 1, (gh, gw)), torch.tensor([[0.9, 0.0]]), 1e-6, "prefix share")
 
 
 def test_a_head_attending_only_to_itself_has_distance_zero():
@@ -84,11 +114,13 @@ def test_uniform_attention_gives_the_mean_pairwise_distance():
         n_patches = grid[0] * grid[1]
         for num_prefix in (1, 2):
             N = num_prefix + n_patches
-            # Uniform over all N tokens: the prefix tokens take num_prefix / N of the weight, which is not
-            # given back to the patches, so the distance shrinks by n_patches / N.
+            # Uniform over all N tokens: the prefix tokens take num_prefix / N of the weight, which the distance
+            # leaves out (renormalised over the patches) and the prefix share reports.
             uniform = [torch.full((3, N, N), 1 / N)]
             got = ins.mean_attention_distance(uniform, num_prefix, grid, p)
-            assert_close(got, torch.full((1, 3), n_patches / N * expected), 1e-5, f"uniform over all, {grid}")
+            assert_close(got, torch.full((1, 3), expected), 1e-5, f"uniform over all, {grid}")
+            share = ins.prefix_share(uniform, num_prefix, grid)
+            assert_close(share, torch.full((1, 3), num_prefix / N), 1e-6, f"prefix share, {grid}")
             # Uniform over the patches only: exactly the mean pairwise distance.
             patches_only = torch.zeros(3, N, N)
             patches_only[:, :, num_prefix:] = 1 / n_patches
@@ -108,6 +140,8 @@ def test_mean_attention_distance_of_a_batch_is_per_image():
 def test_attention_that_does_not_fit_the_grid_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         ins.mean_attention_distance(random_attention(1, 2, 10), 1, (2, 2), 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        ins.prefix_share(random_attention(1, 2, 10), 1, (2, 2))
 
 
 @pytest.mark.parametrize("distilled, size", [(False, (16, 16)), (True, (16, 24))])
@@ -124,7 +158,7 @@ def test_mean_attention_distance_of_a_real_vit(distilled, size):
     assert got.shape == (3, 4)
     expected = np_mean_attention_distance(attns, cfg.num_prefix_tokens, grid, cfg.patch_size)
     assert_close(got, torch.from_numpy(expected).float(), 1e-4, "real ViT")
-    # Patch-to-patch weights are at most 1, so no head looks further than the grid's diagonal.
+    # Renormalised weights average distances between patch centres, so no head looks further than the diagonal.
     assert (got >= 0).all() and (got <= math.dist((0, 0), (size[0] - 4, size[1] - 4))).all()
 
 

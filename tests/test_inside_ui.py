@@ -47,15 +47,20 @@ def served(tmp_path_factory):
 
 
 def np_mean_attention_distance(attns: list[torch.Tensor], num_prefix: int, grid: tuple[int, int], p: int) -> np.ndarray:
-    """The definition in numpy: sum_j a_ij |c_i - c_j| over patch keys j, averaged over patch queries i."""
+    """The definition in numpy: sum_j a_ij |c_i - c_j| / sum_j a_ij over patch keys j, averaged over patch queries i."""
     gh, gw = grid
     centres = np.array([((r + 0.5) * p, (c + 0.5) * p) for r in range(gh) for c in range(gw)])  # (n, 2)
     dist = np.sqrt(((centres[:, None, :] - centres[None, :, :]) ** 2).sum(-1))  # (n, n)
     out = []
     for a in attns:
         a = a.double().numpy()[:, num_prefix:, num_prefix:]  # (heads, n, n)
-        out.append((a * dist).sum(-1).mean(-1))  # (heads,)
+        out.append(((a * dist).sum(-1) / a.sum(-1)).mean(-1))  # (heads,)
     return np.stack(out)  # (layers, heads)
+
+
+def np_prefix_share(attns: list[torch.Tensor], num_prefix: int) -> np.ndarray:
+    """The attention patch queries give the prefix keys, averaged over the queries: (layers, heads)."""
+    return np.stack([a.double().numpy()[:, num_prefix:, :num_prefix].sum(-1).mean(-1) for a in attns])
 
 
 # --- /attention_distance ----------------------------------------------------------------------------------------
@@ -89,6 +94,9 @@ def test_attention_distance_is_the_table_of_the_models_own_attention(served, whi
     assert diff <= 1e-3, f"max difference to numpy {diff:.3g} px"
     lib = ins.mean_attention_distance(attns, prefix, grid, p).double().numpy()
     assert np.abs(table - lib).max() <= 1e-3
+    share = np.array(got["prefix_share"], dtype=np.float64)
+    assert share.shape == shape and np.abs(share - np_prefix_share(attns, prefix)).max() <= 1e-5
+    assert ((0 <= share) & (share <= 1)).all()
     # The control: the table is not a constant that happens to be near every answer. The farthest patch centres
     # bound it, and the heads of a trained model differ.
     farthest = math.dist((0, 0), ((grid[0] - 1) * p, (grid[1] - 1) * p))
