@@ -35,7 +35,7 @@ from ..classifier import Classifier
 from ..hub import ModelLoadError
 from . import checks
 from .classify import percent
-from .common import DAMAGED, Shared, gpu, need, relay
+from .common import DAMAGED, Shared, gpu, need
 from .guard import ResultImage, decoding
 
 TAB = "Inside"  # the tab's label, as the page's open-tab state holds it
@@ -370,12 +370,19 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
             model: the model (default: the app's).
         Returns:
             {"model", "grid": [gh, gw], "row", "col", "token", "layer", "head", "attention": gh x gw,
-             "attention_to_prefix": {"class": ...}, "similarity": gh x gw, "similarity_to_prefix": {...}}
-            (and, for the page, the pictures).
+             "attention_to_prefix": {"class": ...}, "similarity": gh x gw, "similarity_to_prefix": {...}}.
         """
         clf, walk, (r, c, layer, head) = patch_request(image, row, col, layer, head, model)
+        return {"model": shared.display_name(model), **patch_json(clf, walk, r, c, layer, head)}
+
+    @gpu
+    def patch_page(image, row, col, layer, head, model):
+        """/patch for the page's controls: the numbers, and the pictures."""
+        if image is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        clf, walk, (r, c, layer, head) = patch_request(image, row, col, layer, head, model)
         view = {"model": shared.display_name(model), **patch_json(clf, walk, r, c, layer, head)}
-        return view, patch_pictures(clf, walk, view)
+        return view, *patch_pictures(clf, walk, view)
 
     @gpu
     def layers(image: str, model: str = default) -> dict:
@@ -542,7 +549,12 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
     code_attention = gr.Markdown(code_markdown("attention", None), elem_id="inside-code-attention")
     with gr.Accordion("The numbers (as the /patch endpoint returns them)", open=False):
         patch_numbers = gr.JSON(label="This patch's attention and similarity", elem_id="inside-patch-json")
-    kept_pictures = gr.State()
+    # /patch's own inputs: none is set on the page, so that a call that leaves them out gets the centre patch and
+    # the last layer of the model it names (the page's controls hold the default model's values).
+    api_inputs = [checks.Dropdown([], value=None, allow_custom_value=True, label=name, visible=False)
+                  for name in ("Row", "Column", "Layer")]
+    api_inputs.append(checks.Dropdown(["mean"], value="mean", allow_custom_value=True, label="Head", visible=False))
+    api_button = gr.Button("Patch", visible=False)
 
     gr.Markdown("#### Mean attention distance\n" + DISTANCE_NOTE)
     distances = gr.ScatterPlot(
@@ -595,13 +607,13 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
                    **quiet)
     table_button.click(attention_distance, [shared.photo, shared.model], table, api_name="attention_distance")
 
+    api_button.click(patch, [shared.photo, *api_inputs, shared.model], patch_numbers, api_name="patch")
     patch_inputs = [shared.photo, row, col, layer, head, shared.model]
-    show = dict(show_progress_on=pick_pictures[1:3], trigger_mode="always_last")
-    gr.on([row.input, col.input, layer.input, head.input], patch, patch_inputs, [patch_numbers, kept_pictures],
-          api_name="patch", **show).success(relay(4), kept_pictures, pick_pictures, api_name="patch_pictures", **quiet)
+    show = dict(api_visibility="private", show_progress_on=pick_pictures[1:3], trigger_mode="always_last")
+    gr.on([row.input, col.input, layer.input, head.input], patch_page, patch_inputs, [patch_numbers, *pick_pictures],
+          api_name="inside_patch", **show)
     picker.select(pick, [shared.photo, shared.model], [row, col], api_name="inside_pick", **quiet).success(
-        patch, patch_inputs, [patch_numbers, kept_pictures], api_name="inside_pick_patch", api_visibility="private",
-        **show).success(relay(4), kept_pictures, pick_pictures, api_name="inside_pick_pictures", **quiet)
+        patch_page, patch_inputs, [patch_numbers, *pick_pictures], api_name="inside_pick_patch", **show)
     block.input(tokens_after, [shared.photo, shared.model, block], [tokens_block, tokens_caption],
                 api_name="inside_tokens", trigger_mode="always_last", api_visibility="private",
                 show_progress_on=tokens_block)
