@@ -47,15 +47,20 @@ def served(tmp_path_factory):
 
 
 def np_mean_attention_distance(attns: list[torch.Tensor], num_prefix: int, grid: tuple[int, int], p: int) -> np.ndarray:
-    """The definition in numpy: sum_j a_ij |c_i - c_j| over patch keys j, averaged over patch queries i."""
+    """The definition in numpy: sum_j a_ij |c_i - c_j| / sum_j a_ij over patch keys j, averaged over patch queries i."""
     gh, gw = grid
     centres = np.array([((r + 0.5) * p, (c + 0.5) * p) for r in range(gh) for c in range(gw)])  # (n, 2)
     dist = np.sqrt(((centres[:, None, :] - centres[None, :, :]) ** 2).sum(-1))  # (n, n)
     out = []
     for a in attns:
         a = a.double().numpy()[:, num_prefix:, num_prefix:]  # (heads, n, n)
-        out.append((a * dist).sum(-1).mean(-1))  # (heads,)
+        out.append(((a * dist).sum(-1) / a.sum(-1)).mean(-1))  # (heads,)
     return np.stack(out)  # (layers, heads)
+
+
+def np_prefix_share(attns: list[torch.Tensor], num_prefix: int) -> np.ndarray:
+    """The attention patch queries give the prefix keys, averaged over the queries: (layers, heads)."""
+    return np.stack([a.double().numpy()[:, num_prefix:, :num_prefix].sum(-1).mean(-1) for a in attns])
 
 
 # --- /attention_distance ----------------------------------------------------------------------------------------
@@ -89,6 +94,9 @@ def test_attention_distance_is_the_table_of_the_models_own_attention(served, whi
     assert diff <= 1e-3, f"max difference to numpy {diff:.3g} px"
     lib = ins.mean_attention_distance(attns, prefix, grid, p).double().numpy()
     assert np.abs(table - lib).max() <= 1e-3
+    share = np.array(got["prefix_share"], dtype=np.float64)
+    assert share.shape == shape and np.abs(share - np_prefix_share(attns, prefix)).max() <= 1e-5
+    assert ((0 <= share) & (share <= 1)).all()
     # The control: the table is not a constant that happens to be near every answer. The farthest patch centres
     # bound it, and the heads of a trained model differ.
     farthest = math.dist((0, 0), ((grid[0] - 1) * p, (grid[1] - 1) * p))
@@ -113,8 +121,8 @@ def test_a_server_path_is_refused_before_anything_opens_it(served, monkeypatch, 
     path = str(outside) if where.startswith("a photo") else where
     clf = served["demo"].registry.get(BUNDLED_NAME)
     opened = []
-    attention = clf.attention
-    monkeypatch.setattr(clf, "attention", lambda *a, **k: opened.append(a) or attention(*a, **k))
+    walk = clf.walk
+    monkeypatch.setattr(clf, "walk", lambda *a, **k: opened.append(a) or walk(*a, **k))
     for payload in ({"path": path}, {"path": path, "meta": {"_type": "gradio.FileData"}}):
         stream = _call_raw(served["url"], [payload, BUNDLED_NAME])
         assert "event: error" in stream, stream
@@ -136,6 +144,107 @@ def test_a_model_not_on_offer_is_refused_in_one_sentence(served):
         served["client"].predict(image=handle_file(CHELSEA), model="/etc", api_name="/attention_distance")
 
 
+# --- /layers and /patch ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["bundled", "fruit", "deit"])
+def test_layers_reads_the_answer_after_every_block_and_the_last_is_classify(served, which):
+    """/layers gives one top-k per block, equal to the library's read-out of the same file; its last layer is
+    /classify's answer, label for label and probability for probability."""
+    from gradio_client import handle_file
+
+    model = {"bundled": None, "fruit": served["fruit"], "deit": served["deit"]}[which]
+    photo = str(EXAMPLES / SNEAKER) if which == "bundled" else CHELSEA
+    kwargs = {} if model is None else {"model": model}
+    got = served["client"].predict(image=handle_file(photo), api_name="/layers", **kwargs)
+    clf = load_classifier(model or BUNDLED, device="cpu")
+    with Image.open(photo) as im:
+        walk = clf.walk(im)
+    assert len(got["layers"]) == clf.config.depth
+    for i, layer in enumerate(got["layers"]):
+        assert layer["layer"] == i + 1 and len(layer["top_k"]) == min(5, len(clf.labels))
+        want = clf.top_k(walk["layer_logits"][i], 5)
+        assert [t["label"] for t in layer["top_k"]] == [label for label, _ in want]
+        assert np.allclose([t["probability"] for t in layer["top_k"]], [p for _, p in want], atol=1e-5)
+    assert got["readout"] == ("the class token" if which != "deit" else ins.readout_name(clf.config))
+    classify = served["client"].predict(image=handle_file(photo), top_k=5, api_name="/classify", **kwargs)
+    last = got["layers"][-1]["top_k"]
+    assert [c["label"] for c in classify["confidences"]] == [t["label"] for t in last]
+    assert np.allclose([c["confidence"] for c in classify["confidences"]], [t["probability"] for t in last], atol=1e-5)
+    assert got["final"]["label"] == classify["label"]
+    assert got["final"]["probability_by_layer"][-1] == pytest.approx(last[0]["probability"], abs=1e-6)
+    if which == "bundled":  # a trained model: the answer forms with depth
+        assert got["final"]["probability_by_layer"][0] < got["final"]["probability_by_layer"][-1]
+
+
+def test_patch_is_the_row_of_transformers_attention_and_the_cosine_of_its_states(served):
+    """/patch for the transformers checkpoint: the attention grid is the query's row of transformers'
+    output_attentions (one head, and the mean of the heads), the similarity grid numpy's cosine of its hidden
+    states, both of the patch grid's size."""
+    from gradio_client import handle_file
+    from transformers import ViTForImageClassification
+
+    ref = ViTForImageClassification.from_pretrained(served["fruit"], attn_implementation="eager").eval()
+    clf = load_classifier(served["fruit"], device="cpu")
+    with Image.open(CHELSEA) as im:
+        x = clf.preprocess(im)
+    with torch.no_grad():
+        out = ref(pixel_values=x, output_attentions=True, output_hidden_states=True)
+    for row, col, layer, head in [(1, 1, 1, "mean"), (3, 5, 2, "2"), (7, 7, 2, "4")]:
+        got = served["client"].predict(image=handle_file(CHELSEA), row=row, col=col, layer=layer, head=head,
+                                       model=served["fruit"], api_name="/patch")
+        assert got["grid"] == [7, 7] and (got["row"], got["col"], got["layer"]) == (row, col, layer)
+        q = 1 + (row - 1) * 7 + (col - 1)
+        assert got["token"] == q
+        a = out.attentions[layer - 1][0]  # (heads, N, N)
+        a = a.mean(0) if head == "mean" else a[int(head) - 1]
+        attention = np.array(got["attention"])
+        assert attention.shape == (7, 7)
+        assert np.abs(attention - a[q, 1:].reshape(7, 7).numpy()).max() <= 1e-5
+        assert got["attention_to_prefix"]["class"] == pytest.approx(a[q, 0].item(), abs=1e-5)
+        T = out.hidden_states[layer][0].double().numpy()
+        cos = T @ T[q] / (np.linalg.norm(T, axis=1) * np.linalg.norm(T[q]))
+        similarity = np.array(got["similarity"])
+        assert similarity.shape == (7, 7) and np.abs(similarity - cos[1:].reshape(7, 7)).max() <= 1e-5
+        assert similarity[row - 1, col - 1] == pytest.approx(1.0, abs=1e-6)
+    # Defaults: the centre patch, the last layer, the mean of the heads.
+    got = served["client"].predict(image=handle_file(CHELSEA), model=served["fruit"], api_name="/patch")
+    assert (got["row"], got["col"], got["layer"], got["head"]) == (4, 4, 2, "mean")
+
+
+@pytest.mark.parametrize("inputs, sentence", [
+    (dict(row=8), "The row must be from 1 to 7 for this model, not 8."),
+    (dict(col=0), "The column must be from 1 to 7 for this model, not 0."),
+    (dict(row=2.5), "The row must be a whole number from 1 to 7, not '2.5'."),
+    (dict(layer=7), "The layer must be from 1 to 6 for this model, not 7."),
+    (dict(head="5"), "The head must be from 1 to 4 for this model, not 5."),
+    (dict(head="all"), "The head must be a whole number from 1 to 4, not 'all'."),
+])
+def test_patch_refuses_what_lies_outside_the_model_in_one_sentence(served, inputs, sentence):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as refused:
+        served["client"].predict(image=handle_file(str(EXAMPLES / SNEAKER)), api_name="/patch", **inputs)
+    assert str(refused.value) == sentence
+
+
+def test_patch_and_layers_over_raw_http_with_every_input(served):
+    """A raw call fills in no defaults: each input is sent, as a script without gradio_client would."""
+    from conftest import raw_call, raw_upload
+
+    photo = raw_upload(served["url"], str(EXAMPLES / SNEAKER))
+    event, got = raw_call(served["url"], "patch", [photo, 2, 6, 3, "1", BUNDLED_NAME])
+    assert event == "complete", got
+    got = got[0]
+    assert (got["row"], got["col"], got["layer"], got["head"]) == (2, 6, 3, 1)
+    assert np.array(got["attention"]).shape == (7, 7)
+    event, got = raw_call(served["url"], "layers", [photo, BUNDLED_NAME])
+    assert event == "complete" and len(got[0]["layers"]) == 6
+    event, message = raw_call(served["url"], "patch", [photo, 2, 6, 3, "1", served["deit"] + "/.."])
+    assert event == "error" and "Traceback" not in str(message)
+
+
 # --- the tab in a browser ---------------------------------------------------------------------------------------
 
 
@@ -146,7 +255,9 @@ def browser(served):
 
 
 def _loaded(page, selector: str) -> dict:
-    """Waits until the <img> in `selector` has loaded; its natural size."""
+    """Waits until the <img> in `selector` has loaded; its natural size. (Images load lazily: scrolled to first.)"""
+    page.locator(f"{selector} img").first.wait_for(state="attached")
+    page.locator(selector).first.scroll_into_view_if_needed()
     page.locator(f"{selector} img").first.wait_for(state="visible")
     page.wait_for_function(
         f"() => {{ const i = document.querySelector('{selector} img'); return i && i.complete && i.naturalWidth > 0; }}",

@@ -13,6 +13,7 @@ from PIL import Image
 
 from . import explain as explain_lib
 from . import faithfulness as faith
+from . import inside as inside_lib
 from .hub import Checkpoint, ModelLoadError, load_checkpoint
 from .model import VisionTransformer
 from .preprocess import Preprocessor
@@ -151,6 +152,28 @@ class Classifier:
         logits, attns = self.model(x, return_attn=True)
         done = crop, [a[0].float().cpu() for a in attns], logits[0].float().cpu()
         self._remember(key, attention=done)
+        return done
+
+    @torch.inference_mode()
+    def walk(self, image: Image.Image | str | Path, key: str | None = None) -> dict:
+        """One forward pass with everything the Inside tab's walk shows, kept per `key` (as `attention` is).
+
+        Returns:
+            {"crop": uint8 (C, H, W), "attns": every layer's attention (heads, N, N), "tokens": the tokens after
+             the embedding and after every block (depth + 1 tensors (N, D)), "layer_logits": the answer read out
+             after every block (depth, num_classes), "logits": (num_classes,)}, on the CPU in float32.
+        """
+        done = self._recall(key).get("walk")
+        if done is not None:
+            return done
+        crop = self.crop(image, key)
+        x = self.preprocessor.normalize(crop).to(self.device, self.dtype)
+        logits, attns, tokens = self.model(x, return_attn=True, return_tokens=True)
+        layer_logits = inside_lib.readout_logits(self.model, torch.cat(tokens[1:]))  # (depth, num_classes)
+        done = {"crop": crop, "attns": [a[0].float().cpu() for a in attns], "tokens": [t[0].float().cpu() for t in tokens],
+                "layer_logits": layer_logits, "logits": logits[0].float().cpu()}
+        self._remember(key, walk=done, **({} if "attention" in self._recall(key) else
+                                          {"attention": (crop, done["attns"], done["logits"])}))
         return done
 
     def attention_gradients(self, x: torch.Tensor, targets: torch.Tensor | list[int] | None = None):

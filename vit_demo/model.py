@@ -186,22 +186,27 @@ class VisionTransformer(nn.Module):
         pos = resample_pos_embed(self.pos_embed, (H // p, W // p), self.cfg.num_prefix_tokens, self.cfg.pos_embed_antialias)
         return x + pos
 
-    def forward(self, x: torch.Tensor, return_attn: bool = False):
+    def forward(self, x: torch.Tensor, return_attn: bool = False, return_tokens: bool = False):
         """Classifies a batch of images.
 
         Args:
             x: (B, in_chans, H, W), normalised as the checkpoint expects. H and W need not be
                img_size: the position embeddings are resampled to the new grid.
             return_attn: also return every layer's attention probabilities.
+            return_tokens: also return the tokens after the embedding and after every block.
         Returns:
             logits (B, num_classes), or (logits, attns) where attns is a list of depth tensors
-            (B, heads, prefix + N, prefix + N) whose rows sum to 1.
+            (B, heads, prefix + N, prefix + N) whose rows sum to 1; with return_tokens, the tuple ends
+            with tokens, a list of depth + 1 tensors (B, prefix + N, C): tokens[0] is the embedding's
+            output, tokens[i] block i's, before the final LayerNorm.
         """
         x = self.embed(x)
-        attns = []
+        attns, tokens = [], [x] if return_tokens else None
         for blk in self.blocks:
             x, attn = blk(x, return_attn)
             attns.append(attn)
+            if return_tokens:
+                tokens.append(x)
         x = self.norm(x)
         if self.cfg.global_pool == "avg":
             logits = self.head(self.fc_norm(x[:, self.cfg.num_prefix_tokens :].mean(dim=1)))
@@ -210,4 +215,6 @@ class VisionTransformer(nn.Module):
             logits = (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
         else:
             logits = self.head(x[:, 0])
+        if return_tokens:
+            return (logits, attns, tokens) if return_attn else (logits, tokens)
         return (logits, attns) if return_attn else logits
