@@ -105,10 +105,6 @@ def fetching_allowed() -> bool:
 class PhotoInput(gr.Image):
     """gr.Image that admits only uploaded files and readable, not too large images, each with one sentence."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        warm()  # the decode workers start while the page is built
-
     def get_block_name(self) -> str:
         return "image"
 

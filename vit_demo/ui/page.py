@@ -27,7 +27,7 @@ from ..hub import ModelLoadError
 from ..registry import BUNDLED_NAME, Registry, bundled_available
 from . import attention, checks, classify, inside, live
 from .common import Shared, display_names, facts, without_paths
-from .guard import EXAMPLES_DIR, PhotoInput
+from .guard import EXAMPLES_DIR, PhotoInput, warm
 from . import fair
 from .server import RequestLimits, cache_lifespan, cache_seconds, guarded_server
 
@@ -204,6 +204,7 @@ def start_registry(registry: Registry) -> tuple[Registry, str, bool]:
 
 def build_demo(registry: Registry | None = None) -> gr.Blocks:
     """Builds the page. `registry` defaults to the models named by the environment (see registry.py)."""
+    warm()  # the decode workers start while the models load and the page is built
     registry, notice, offline = start_registry(registry or Registry.from_env())
     try:
         serving = registry.get(registry.default)
