@@ -198,7 +198,7 @@ class Classifier:
             folded = [i for i, label in enumerate(self.labels) if label.casefold() == target.strip().casefold()]
             if folded:
                 return folded[0]
-            if target.strip().isdigit():
+            if target.strip().isdecimal():  # "²" is a digit that int() refuses
                 target = int(target)
             else:
                 raise ValueError(
