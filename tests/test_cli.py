@@ -110,6 +110,27 @@ def test_explain_layers_and_heads_count_from_1(tmp_path, float32):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_the_head_grid_shares_one_colour_scale_like_the_page(tmp_path, float32):
+    """Each panel of `explain --method heads` is coloured as the page colours it (ui.figures: one scale from the
+    lowest to the highest value of all heads), not stretched over its own range."""
+    from vit_demo.ui.figures import shade
+
+    clf = load_classifier(BUNDLED, device="cpu", dtype=torch.float32)
+    image = Image.open(SNEAKER)
+    crop, heads, _, _ = clf.maps(image, "heads", layer=1)  # (4, 7, 7): layer 2's heads
+    assert cli("explain", SNEAKER, *ON_BUNDLED, "--method", "heads", "--layer", 2, "--alpha", 1, "--out", tmp_path / "h.png") is None
+    sheet = np.asarray(Image.open(tmp_path / "h.png"), dtype=int)
+    low, high = float(heads.min()), float(heads.max())
+    spreads = [float(m.max() - m.min()) / (high - low) for m in heads]
+    assert min(spreads) < 0.9, f"every head spans the whole scale ({spreads}): the test could not tell the scales apart"
+    side, gap = crop.shape[-1], 4  # explain.tile: panels side by side, 2 per row for 4 heads, 4-pixel white gaps
+    for i, m in enumerate(heads):
+        r, c = divmod(i, 2)
+        panel = sheet[r * (side + gap): r * (side + gap) + side, c * (side + gap): c * (side + gap) + side]
+        page = np.asarray(shade(crop, m, low, high, 1.0), dtype=int)
+        assert np.abs(panel - page).max() <= 1, f"head {i + 1}: not the page's colours"
+
+
 def test_explain_a_class_with_faithfulness(tmp_path, float32):
     out = run("explain", SNEAKER, *ON_BUNDLED, "--method", "relevance", "--target", "Sandal", "--faithfulness",
               "--out", tmp_path / "why.png", env={"VIT_DEMO_PRECISION": "float32"})
@@ -123,6 +144,8 @@ def test_explain_a_class_with_faithfulness(tmp_path, float32):
     assert Image.open(tmp_path / "why.png").size == (28, 28)
     assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--method", "relevance", "--target", "tabby cat", "--faithfulness"),
                     "'tabby cat'", "10 classes", "labels")
+    assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--method", "relevance", "--target", "²", "--out", tmp_path / "x.png"),
+                    "'²'", "10 classes")  # a digit that is not a decimal number
     assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--method", "heads", "--faithfulness"), "one map")
     assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--faithfulness", "--steps", 50), "--steps 50", "49 patches")
 

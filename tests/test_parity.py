@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_close, lay_out_hub_cache, make_timm, make_torchvision, make_transformers
-from vit_demo import load_classifier
+from vit_demo import ModelLoadError, load_classifier
 
 ATOL = 1e-4
 
@@ -99,3 +99,15 @@ def test_predict_returns_sorted_topk_probabilities(tmp_path, photo):
     assert_close(torch.tensor(scores), probs.topk(3).values, 1e-5, "top-3 probabilities")
     assert [label for label, _ in top] == [clf.labels[i] for i in probs.topk(3).indices.tolist()]
     assert len(clf.predict(photo, k=50)) == 10  # k is capped at the number of classes
+
+
+@pytest.mark.parametrize("kwargs, sentence", [
+    (dict(reg_tokens=4), "It has 4 register tokens (timm's reg_token), which vit_demo's ViT does not implement: pick a ViT without registers."),
+    (dict(class_token=False, global_pool="avg"), "It has no class token (timm's class_token=False), which vit_demo's ViT needs: pick a ViT with a class token."),
+], ids=["registers", "no-class-token"])
+def test_timm_vits_vit_demo_does_not_implement_are_refused_plainly(tmp_path, kwargs, sentence):
+    """Not "damaged or edited": what the checkpoint has that vit_demo's ViT does not, and what to do."""
+    ref = make_timm(tmp_path / "ckpt", "vit_small_patch16_224", img_size=32, patch_size=8, depth=1, **kwargs)
+    with pytest.raises(ModelLoadError) as e:
+        load_classifier(ref.path, device="cpu")
+    assert sentence in str(e.value) and "damaged" not in str(e.value), str(e.value)

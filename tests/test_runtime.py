@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,14 +105,64 @@ def test_concurrent_predict_equals_one_at_a_time_and_a_bad_image_fails_alone(fru
     assert seen == [1, len(inputs) - 2], seen
 
 
-def test_bfloat16_where_cuda_has_it(monkeypatch):
-    """On a real GPU: bfloat16 on NVIDIA GPUs from Ampere (compute capability 8.0) on, whose tensor cores run it,
-    and on AMD ones; float32 on older GPUs, where bfloat16 is only emulated. Read from the device's capability,
-    not from `torch.cuda.is_bf16_supported()`, which the code asks (and which counts emulation as support)."""
+def test_warm_up_runs_the_served_paths_at_the_crop_size(fruit):
+    """Before the app serves: one classification pass through the Runtime (batch 1, as visitors get it) and one
+    on the explicit attention path, at the crop's size, so that the first visitor's kernels are ready."""
+    from vit_demo.runtime import warm_up
+
+    calls, forward = [], fruit.model.forward
+
+    def recorded(x, return_attn=False):
+        calls.append((tuple(x.shape), x.dtype, return_attn))
+        return forward(x, return_attn)
+
+    fruit.model.forward = recorded
+    fruit.runtime.batcher.batch_sizes = []
+    try:
+        warm_up(fruit)
+    finally:
+        del fruit.model.forward
+    assert calls == [((1, 3, 224, 224), fruit.dtype, False), ((1, 3, 224, 224), fruit.dtype, True)], calls
+    assert fruit.runtime.batcher.batch_sizes == [1]
+
+
+def test_the_app_warms_its_model_up_before_it_says_it_is_serving(caplog):
+    from vit_demo.registry import BUNDLED_NAME, Registry
+    from vit_demo.ui.page import start_registry
+
+    with caplog.at_level("INFO", logger="vit_demo"):
+        start_registry(Registry([BUNDLED_NAME], default=BUNDLED_NAME, device="cpu"))
+    lines = [r.getMessage() for r in caplog.records]
+    warmed = next(i for i, line in enumerate(lines) if line.startswith("Warmed up"))
+    serving = next(i for i, line in enumerate(lines) if line.startswith("Serving"))
+    assert warmed < serving, lines
+
+
+@pytest.mark.parametrize("gpu, capability, expected", [
+    ("T4", (7, 5), torch.float32), ("V100", (7, 0), torch.float32), ("A100", (8, 0), torch.bfloat16),
+    ("H100", (9, 0), torch.bfloat16), ("real", None, None),
+])
+def test_bfloat16_where_cuda_has_it(monkeypatch, gpu, capability, expected):
+    """bfloat16 on NVIDIA GPUs from Ampere (compute capability 8.0) on, whose tensor cores run it, and on AMD ones;
+    float32 on older GPUs, where bfloat16 is only emulated. Read from the capability, not from
+    `torch.cuda.is_bf16_supported()`, which the code asks (and which counts emulation as support): torch's own
+    function runs, on a GPU of each generation that it is shown (emulation works on all of them), and on the real
+    GPU where there is one."""
     monkeypatch.delenv("VIT_DEMO_PRECISION", raising=False)  # the automatic choice (CPUs: tests/test_precision.py)
-    if torch.cuda.is_available():
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    if capability is None:
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU (this machine has none); the generations above are shown to torch instead")
         native = bool(torch.version.hip) or torch.cuda.get_device_capability() >= (8, 0)
-        assert inference_dtype(torch.device("cuda")) == (torch.bfloat16 if native else torch.float32)
+        expected = torch.bfloat16 if native else torch.float32
+    else:
+        monkeypatch.setattr(torch.version, "hip", None)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=capability[0], minor=capability[1]))
+        monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulated everywhere
+        assert torch.cuda.is_bf16_supported() is True, "torch counts emulation as support"
+    assert inference_dtype(torch.device("cuda")) == expected, gpu
 
 
 def test_bfloat16_agrees_with_float32_on_the_bundled_model():

@@ -230,6 +230,37 @@ def test_a_result_file_is_never_rewritten_in_place(tmp_path):
     assert Image.open(first).getpixel((0, 0)) == (1, 2, 3)
 
 
+@pytest.mark.parametrize("swept", ["folder", "file"])
+def test_a_result_swept_away_while_it_is_saved_is_written_again(tmp_path, monkeypatch, swept):
+    """The cache sweep may remove the result's folder after it is made, or the file after it is found."""
+    import shutil
+    import tempfile
+
+    image = Image.new("RGB", (32, 32), (1, 2, 3))
+    if swept == "file":
+        guard.save_once(image, str(tmp_path))
+    real_mkstemp, real_utime, sweeps = tempfile.mkstemp, os.utime, []
+
+    def mkstemp(dir, prefix):  # the folder goes just before the file is staged in it
+        if not sweeps:
+            sweeps.append(dir)
+            shutil.rmtree(dir)
+        return real_mkstemp(dir=dir, prefix=prefix)
+
+    def utime(path):  # the file (and its folder) goes just after it was found
+        if not sweeps:
+            sweeps.append(path)
+            shutil.rmtree(Path(path).parent)
+        return real_utime(path)
+
+    if swept == "folder":
+        monkeypatch.setattr(guard.tempfile, "mkstemp", mkstemp)
+    else:
+        monkeypatch.setattr(guard.os, "utime", utime)
+    path = guard.save_once(image, str(tmp_path))
+    assert sweeps and Image.open(path).getpixel((0, 0)) == (1, 2, 3)
+
+
 def test_the_cache_shrinks_after_its_lifetime(tmp_path, monkeypatch):
     monkeypatch.setenv("VIT_DEMO_CACHE_SECONDS", "2")
     small = make_fruit_checkpoint(tmp_path / "small")

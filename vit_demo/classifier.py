@@ -125,8 +125,17 @@ class Classifier:
         Returns:
             [(label, probability), ...], best first.
         """
-        logits = self.runtime(self.preprocessor.normalize(self.crop(image, key)))
-        return self.top_k(logits[0], k)
+        return self.top_k(self._served_logits(self.crop(image, key), key), k)
+
+    def _served_logits(self, crop: torch.Tensor, key: str | None) -> torch.Tensor:
+        """The classification path's logits (num_classes,), kept per `key`: the answer that predict gives and that
+        the maps name and explain by default, so that the fast and the explicit attention paths, which round
+        differently in bfloat16, never name two answers for one photo."""
+        logits = self._recall(key).get("logits")
+        if logits is None:
+            logits = self.runtime(self.preprocessor.normalize(crop))[0]
+            self._remember(key, logits=logits)
+        return logits
 
     def top_k(self, logits: torch.Tensor, k: int) -> list[tuple[str, float]]:
         probs = logits.float().softmax(-1)
@@ -149,8 +158,8 @@ class Classifier:
         if done is not None:
             return done
         x = self.preprocessor.normalize(crop).to(self.device, self.dtype)
-        logits, attns = self.model(x, return_attn=True)
-        done = crop, [a[0].float().cpu() for a in attns], logits[0].float().cpu()
+        _, attns = self.model(x, return_attn=True)
+        done = crop, [a[0].float().cpu() for a in attns], self._served_logits(crop, key)
         self._remember(key, attention=done)
         return done
 
@@ -219,7 +228,7 @@ class Classifier:
             folded = [i for i, label in enumerate(self.labels) if label.casefold() == target.strip().casefold()]
             if folded:
                 return folded[0]
-            if target.strip().isdigit():
+            if target.strip().isdecimal():  # "²" is a digit that int() refuses
                 target = int(target)
             else:
                 raise ValueError(
@@ -246,14 +255,12 @@ class Classifier:
         keeps it) and the gradients for the last two classes asked about (a ViT-B/16's take 22 MB per class)."""
         memo = self._recall(key)
         seen, kept = memo.get("attention"), memo.get("gradients", {})
-        t = None
-        if target is not None or seen is not None:
-            t = self.target_index(target, None if seen is None else seen[2])
-            if seen is not None and t in kept:
-                return seen[1], kept[t], seen[2], t
-        logits, attns, grads, targets = self.attention_gradients(self.preprocessor.normalize(crop), None if t is None else [t])
-        t = int(targets[0])
-        attns, grads, logits = [a[0] for a in attns], [g[0] for g in grads], logits[0]
+        logits = self._served_logits(crop, key)
+        t = self.target_index(target, logits)
+        if seen is not None and t in kept:
+            return seen[1], kept[t], logits, t
+        _, attns, grads, _ = self.attention_gradients(self.preprocessor.normalize(crop), [t])
+        attns, grads = [a[0] for a in attns], [g[0] for g in grads]
         if key is not None:
             kept = {**kept, t: grads}
             while len(kept) > 2:

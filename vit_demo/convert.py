@@ -195,6 +195,12 @@ def from_timm(sd: StateDict, timm_config: dict | None = None) -> tuple[StateDict
     """
     timm_config = timm_config or {}
     sd = dict(sd)
+    if "reg_token" in sd:
+        raise ConversionError(f"It has {sd['reg_token'].shape[1]} register tokens (timm's reg_token), which vit_demo's "
+                              "ViT does not implement: pick a ViT without registers.")
+    if "cls_token" not in sd and "patch_embed.proj.weight" in sd:
+        raise ConversionError("It has no class token (timm's class_token=False), which vit_demo's ViT needs: pick a "
+                              "ViT with a class token.")
     D = sd["cls_token"].shape[-1] if "cls_token" in sd else None
     heads = (timm_config.get("model_args") or {}).get("num_heads") or _heads_from_name(timm_config.get("architecture", ""), D)
     cfg = _arch_from_shapes(sd, num_heads=heads)

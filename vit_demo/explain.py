@@ -304,25 +304,28 @@ def colorize(heat: np.ndarray) -> np.ndarray:
     return ((1 - t) * _INFERNO[lo] + t * _INFERNO[lo + 1]).round().astype(np.uint8)
 
 
-def heatmap(grid: torch.Tensor, height: int, width: int) -> np.ndarray:
-    """(gh, gw) weights -> (height, width) in [0, 1]: min-max normalised, upsampled bilinearly."""
+def heatmap(grid: torch.Tensor, height: int, width: int, scale: tuple[float, float] | None = None) -> np.ndarray:
+    """(gh, gw) weights -> (height, width) in [0, 1]: min-max normalised (or from scale's low to its high),
+    upsampled bilinearly."""
     g = grid.float()
-    g = (g - g.min()) / (g.max() - g.min()).clamp_min(1e-12)
+    low, high = (g.min(), g.max()) if scale is None else (torch.tensor(float(scale[0])), torch.tensor(float(scale[1])))
+    g = ((g - low) / (high - low).clamp_min(1e-12)).clamp(0, 1)
     up = F.interpolate(g[None, None], size=(height, width), mode="bilinear", align_corners=False)
     return up[0, 0].clamp(0, 1).numpy()
 
 
-def overlay(crop: torch.Tensor, grid: torch.Tensor, alpha: float = 0.6) -> Image.Image:
+def overlay(crop: torch.Tensor, grid: torch.Tensor, alpha: float = 0.6, scale: tuple[float, float] | None = None) -> Image.Image:
     """Draws a patch-grid map over the crop the model saw.
 
     Args:
         crop: uint8 (C, H, W), C = 1 or 3.
         grid: (gh, gw) weights.
         alpha: opacity of the heatmap, 0 (crop only) to 1 (heatmap only).
+        scale: (low, high), the values drawn darkest and brightest; by default the map's own lowest and highest.
     """
     _, H, W = crop.shape
     base = crop.expand(3, H, W).permute(1, 2, 0).numpy().astype(np.float32)  # (H, W, 3)
-    heat = colorize(heatmap(grid, H, W)).astype(np.float32)
+    heat = colorize(heatmap(grid, H, W, scale)).astype(np.float32)
     return Image.fromarray(((1 - alpha) * base + alpha * heat).round().astype(np.uint8))
 
 
@@ -338,9 +341,11 @@ def tile(images: list[Image.Image], columns: int | None = None, gap: int = 4) ->
 
 
 def draw(crop: torch.Tensor, grid_map: torch.Tensor, alpha: float = 0.6) -> Image.Image:
-    """A map from `patch_map` over the crop: one overlay for (gh, gw), a sheet of panels for (heads, gh, gw)."""
+    """A map from `patch_map` over the crop: one overlay for (gh, gw), a sheet of panels for (heads, gh, gw) on one
+    colour scale shared by all heads (as on the page), so that a nearly flat head looks flat."""
     if grid_map.ndim == 3:
-        return tile([overlay(crop, m, alpha) for m in grid_map])
+        scale = (float(grid_map.min()), float(grid_map.max()))
+        return tile([overlay(crop, m, alpha, scale) for m in grid_map])
     return overlay(crop, grid_map, alpha)
 
 

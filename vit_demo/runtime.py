@@ -192,6 +192,22 @@ def time_ratio(base: torch.dtype, other: torch.dtype, tokens: int, dim: int, hid
     return statistics.median(ratios)
 
 
+def warm_up(clf) -> None:
+    """Warms a loaded Classifier's served paths at the size of its crops (`Runtime.warm_up`); the app does this
+    for the model it serves before it says that it is serving."""
+    cfg = clf.preprocessor.cfg
+    try:
+        h, w = cfg.input_size
+    except TypeError:  # no fixed input size: the size the position embeddings were learned for
+        h = w = clf.config.img_size
+    try:
+        took = clf.runtime.warm_up((1, clf.config.in_chans, h, w))
+    except RuntimeError as e:  # e.g. out of memory: the visitors' requests will say so; the page still starts
+        log.warning("%s could not be warmed up (%s): its first answer will be slower.", clf.name, e)
+        return
+    log.info("Warmed up %s in %s in %.2f s.", clf.name, str(clf.dtype).removeprefix("torch."), took)
+
+
 class GraphedForward:
     """`model(x)` for one fixed input shape, replayed from a CUDA graph: one launch instead of one per kernel.
 
@@ -332,6 +348,20 @@ class Runtime:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: normalised input (1, C, H, W) -> logits (1, num_classes), float32, on the CPU."""
         return self.batcher(x)
+
+    @torch.inference_mode()
+    def warm_up(self, shape: tuple[int, ...]) -> float:
+        """Runs each path the app serves once, on zeros of input `shape` (1, C, H, W), so that their kernels are
+        picked, compiled (oneDNN's bfloat16 kernels on CPUs) and cached before the first visitor rather than while
+        one waits: the classification forward pass as `__call__` runs it (batch 1, replayed from a CUDA graph on
+        GPUs), and the explicit attention path the maps use. Returns the seconds it took."""
+        start = time.perf_counter()
+        x = torch.zeros(shape)
+        self(x)
+        self.model(x.to(self.device, self.dtype), return_attn=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, self.dtype, non_blocking=True)

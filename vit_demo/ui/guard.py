@@ -352,9 +352,17 @@ def save_once(image: Image.Image, cache_dir: str, name: str = "image.png") -> st
     buf = BytesIO()
     image.save(buf, "PNG")
     data = buf.getvalue()
-    folder = Path(cache_dir) / hash_bytes(data)
+    for attempt in range(3):
+        try:
+            return _save_bytes_once(data, Path(cache_dir) / hash_bytes(data) / name)
+        except FileNotFoundError:  # the cache sweep removed the folder or the file meanwhile: write it again
+            if attempt == 2:
+                raise
+
+
+def _save_bytes_once(data: bytes, path: Path) -> str:
+    folder, name = path.parent, path.name
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
     if path.exists():
         os.utime(path)  # the cache sweep ages files by time: a result handed out again is young again
         return str(path)

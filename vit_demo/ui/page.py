@@ -25,6 +25,7 @@ from starlette.middleware import Middleware
 
 from ..hub import ModelLoadError
 from ..registry import BUNDLED_NAME, Registry, bundled_available
+from ..runtime import warm_up
 from . import attention, checks, classify, inside, live
 from .common import Shared, display_names, facts, without_paths
 from .guard import EXAMPLES_DIR, PhotoInput, warm
@@ -179,7 +180,7 @@ def start_registry(registry: Registry) -> tuple[Registry, str, bool]:
     """
     offline = bool(constants.HF_HUB_OFFLINE)
     try:
-        registry.get(registry.default)
+        warm_up(registry.get(registry.default))
         log.info("Serving %s.", registry.default)
         return registry, "", offline
     except ModelLoadError as e:
@@ -187,10 +188,9 @@ def start_registry(registry: Registry) -> tuple[Registry, str, bool]:
         offline = offline or _unreachable(e)
     failed = registry.default
     if bundled_available():
-        registry.default = BUNDLED_NAME
-        registry.choices = list(dict.fromkeys([BUNDLED_NAME] + registry.choices))
+        registry.make_default(BUNDLED_NAME)
         try:
-            registry.get(BUNDLED_NAME)
+            warm_up(registry.get(BUNDLED_NAME))
             log.warning("%s could not be loaded: %s Serving the bundled offline model instead.", failed, reason)
             return registry, f"⚠️ **Serving the bundled offline model (Fashion-MNIST).** {failed} could not be loaded: {reason}", offline
         except ModelLoadError as e:
