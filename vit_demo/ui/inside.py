@@ -277,9 +277,10 @@ def distance_plots(table: dict, counts: dict) -> tuple[gr.ScatterPlot, gr.Scatte
 def answer_plot(table: dict) -> gr.LinePlot:
     """The final class's probability after every block."""
     probs = table["final"]["probability_by_layer"]
-    frame = pd.DataFrame({"block": list(range(1, len(probs) + 1)), "probability (%)": [100 * p for p in probs],
+    blocks = [str(i) for i in range(1, len(probs) + 1)]  # categories, kept in their order by `sort`
+    frame = pd.DataFrame({"block": blocks, "probability (%)": [100 * p for p in probs],
                           "top class there": [layer["top_k"][0]["label"] for layer in table["layers"]]})
-    return gr.LinePlot(value=frame, x_lim=[1, max(2, len(probs))], y_lim=[0, 100])
+    return gr.LinePlot(value=frame, sort=blocks, y_lim=[0, 100])
 
 
 def answer_html(table: dict) -> str:
@@ -516,10 +517,10 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
     filters_caption = gr.Markdown(elem_id="inside-filters-caption")
     gr.Markdown(TOKENS_NOTE)
     with gr.Row(elem_id="inside-tokens-row"):
-        tokens_embed = ResultImage(label="Tokens after the embedding (3 principal components as RGB)", type="pil",
+        tokens_embed = ResultImage(label="After the embedding", type="pil",
                                    format="png", elem_id="inside-tokens-embed", interactive=False, height=240,
                                    min_width=160)
-        tokens_block = ResultImage(label="Tokens after the chosen block (3 principal components as RGB)", type="pil",
+        tokens_block = ResultImage(label="After the chosen block", type="pil",
                                    format="png", elem_id="inside-tokens-block", interactive=False, height=240,
                                    min_width=160)
     block = checks.Slider(1, depth, value=depth, step=1, label="After block", elem_id="inside-token-block",
@@ -581,7 +582,7 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
 
     gr.Markdown("#### The answer, layer by layer\n" + LAYERS_NOTE)
     answers_plot = gr.LinePlot(x="block", y="probability (%)", x_title="after block", tooltip="all",
-                               y_title="probability of the final answer (%)", label="The final answer's probability",
+                               y_title="final answer (%)", label="The final answer's probability",
                                show_label=False, elem_id="inside-layers-plot", height=260)
     answers = gr.HTML(NO_PHOTO_ANSWER, elem_id="inside-layers")
     with gr.Accordion("The numbers (as the /layers endpoint returns them)", open=False) as layers_accordion:
