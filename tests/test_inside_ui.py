@@ -207,9 +207,13 @@ def test_patch_is_the_row_of_transformers_attention_and_the_cosine_of_its_states
         similarity = np.array(got["similarity"])
         assert similarity.shape == (7, 7) and np.abs(similarity - cos[1:].reshape(7, 7)).max() <= 1e-5
         assert similarity[row - 1, col - 1] == pytest.approx(1.0, abs=1e-6)
-    # Defaults: the centre patch, the last layer, the mean of the heads.
+    # Defaults: the centre patch, the last layer, the mean of the heads, of the model named (not the default
+    # model's 6 layers): 7x7 patches and 2 layers for this one, 4x4 and 2 for the distilled DeiT.
     got = served["client"].predict(image=handle_file(CHELSEA), model=served["fruit"], api_name="/patch")
     assert (got["row"], got["col"], got["layer"], got["head"]) == (4, 4, 2, "mean")
+    got = served["client"].predict(image=handle_file(CHELSEA), model=served["deit"], api_name="/patch")
+    assert (got["grid"], got["row"], got["col"], got["layer"]) == ([4, 4], 3, 3, 2)
+    assert set(got["attention_to_prefix"]) == {"class", "distillation"} and got["token"] == 2 + 2 * 4 + 2
 
 
 @pytest.mark.parametrize("inputs, sentence", [
