@@ -233,6 +233,17 @@ def test_patch_refuses_what_lies_outside_the_model_in_one_sentence(served, input
     assert str(refused.value) == sentence
 
 
+def test_view_api_lists_patch_and_layers_with_their_defaults(served):
+    named = served["client"].view_api(return_format="dict", print_info=False)["named_endpoints"]
+    params = {name: {p["parameter_name"]: p for p in named[name]["parameters"]} for name in ("/patch", "/layers")}
+    assert list(params["/patch"]) == ["image", "row", "col", "layer", "head", "model"]
+    assert list(params["/layers"]) == ["image", "model"]
+    defaults = {name: p["parameter_default"] for name, p in params["/patch"].items() if p["parameter_has_default"]}
+    # Nothing of the default model's size: a call that leaves them out gets the centre and the last layer of its model.
+    assert defaults == {"row": None, "col": None, "layer": None, "head": "mean", "model": BUNDLED_NAME}
+    assert not {"/inside_patch", "/inside_pick", "/inside_pick_patch", "/inside_tokens", "/inside_photo"} & set(named)
+
+
 def test_patch_and_layers_over_raw_http_with_every_input(served):
     """A raw call fills in no defaults: each input is sent, as a script without gradio_client would."""
     from conftest import raw_call, raw_upload
