@@ -343,9 +343,11 @@ def test_inside_tab_shows_all_four_parts(browser, served):
         _shot(page, "inside-example.png")
 
         # The numbers behind the plot, as the endpoint gives them.
-        page.get_by_text("The numbers (as the /attention_distance endpoint returns them)").click()
-        page.locator("#inside-table-btn").click()
+        page.get_by_text("The numbers (as the /attention_distance endpoint returns them)").click()  # no button
         expect(page.locator("#inside-table")).to_contain_text("distance_px", timeout=WAIT_MS)
+        expect(page.locator("#inside-table")).to_contain_text("prefix_share")
+        page.get_by_text("The numbers (as the /layers endpoint returns them)").click()
+        expect(page.locator("#inside-layers-json")).to_contain_text("probability_by_layer", timeout=WAIT_MS)
         expect(page.locator("#inside-table")).to_contain_text(BUNDLED_NAME)
 
         # Another model: its own filters (RGB, 3x32x32) and patches (7x7 of 32 px); the table of the old one goes.

@@ -576,8 +576,8 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
         elem_id="inside-prefix-share", height=220,
     )
     distance_caption = gr.Markdown(NO_PHOTO_DISTANCE, elem_id="inside-distance-caption")
-    with gr.Accordion("The numbers (as the /attention_distance endpoint returns them)", open=False):
-        table_button = gr.Button("Show the table", elem_id="inside-table-btn")
+    with gr.Accordion("The numbers (as the /attention_distance endpoint returns them)", open=False,
+                      elem_id="inside-table-accordion") as table_accordion:
         table = gr.JSON(label="Attention distance table", elem_id="inside-table")
 
     gr.Markdown("#### The answer, layer by layer\n" + LAYERS_NOTE)
@@ -585,7 +585,8 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
                                y_title="final answer (%)", label="The final answer's probability",
                                show_label=False, elem_id="inside-layers-plot", height=260)
     answers = gr.HTML(NO_PHOTO_ANSWER, elem_id="inside-layers")
-    with gr.Accordion("The numbers (as the /layers endpoint returns them)", open=False) as layers_accordion:
+    with gr.Accordion("The numbers (as the /layers endpoint returns them)", open=False,
+                      elem_id="inside-layers-accordion") as layers_accordion:
         layers_numbers = gr.JSON(label="The top classes after every block", elem_id="inside-layers-json")
 
     gr.Markdown("### 5. The head\n" + HEAD_NOTE)
@@ -613,7 +614,7 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
         tab.select(model_figures, [shared.model], model_outputs[:5], api_name="inside_open_model", **quiet)
         tab.select(walk_parts, walk_inputs, walk_outputs, api_name="inside_open_photo", trigger_mode="always_last",
                    **quiet)
-    table_button.click(attention_distance, [shared.photo, shared.model], table, api_name="attention_distance")
+    table_accordion.expand(attention_distance, [shared.photo, shared.model], table, api_name="attention_distance")
 
     api_button.click(patch, [shared.photo, *api_inputs, shared.model], patch_numbers, api_name="patch")
     patch_inputs = [shared.photo, row, col, layer, head, shared.model]
