@@ -1,5 +1,6 @@
 """How far each head of the bundled model looks: mean attention distance per head and layer, over
-Fashion-MNIST test images, drawn as a scatter plot (Dosovitskiy et al. 2021, figure 7, right).
+Fashion-MNIST test images, drawn as a scatter plot (Dosovitskiy et al. 2021, figure 7, right), with the share of
+attention each head gives the class token beside it (the distance is measured over the patches only).
 
     python bench/attention_distance.py                       # 1000 images -> docs/attention-distance.png
     python bench/attention_distance.py --images 200 --out /tmp/d.png
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vit_demo import load_classifier  # noqa: E402
-from vit_demo.inside import mean_attention_distance, patch_distances  # noqa: E402
+from vit_demo.inside import mean_attention_distance, patch_distances, prefix_share  # noqa: E402
 
 IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 # One colour per head (Okabe-Ito, readable by colour-blind readers), repeated for models with more heads.
@@ -41,45 +42,47 @@ def read_idx_images(path: Path, count: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def distances(model_dir: str, images: np.ndarray, batch: int = 250) -> tuple[torch.Tensor, dict]:
-    """Mean attention distance of every head (images, layers, heads), and what it was measured on."""
+def distances(model_dir: str, images: np.ndarray, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Mean attention distance and prefix share of every head (images, layers, heads) each, and what they were
+    measured on."""
     clf = load_classifier(model_dir, device="cpu", dtype=torch.float32)
     cfg = clf.config
     crops = torch.stack([clf.preprocessor.crop(Image.fromarray(im)) for im in images])  # (B, C, H, W) uint8
     H, W = crops.shape[-2:]
     grid = (H // cfg.patch_size, W // cfg.patch_size)
-    out = []
+    out, shares = [], []
     for i in range(0, len(crops), batch):
         _, attns = clf.model(clf.preprocessor.normalize(crops[i : i + batch]), return_attn=True)  # depth x (B, heads, N, N)
         out.append(mean_attention_distance(attns, cfg.num_prefix_tokens, grid, cfg.patch_size))  # (B, layers, heads)
+        shares.append(prefix_share(attns, cfg.num_prefix_tokens, grid))  # (B, layers, heads)
     uniform = patch_distances(grid, cfg.patch_size).mean().item()  # uniform attention over the patches
-    return torch.cat(out), dict(crop=(H, W), grid=grid, patch_size=cfg.patch_size, uniform=uniform)
+    return torch.cat(out), torch.cat(shares), dict(crop=(H, W), grid=grid, patch_size=cfg.patch_size, uniform=uniform)
 
 
 def font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def draw(table: torch.Tensor, info: dict, title: str, s: int = 2) -> Image.Image:
-    """Scatter plot: layer (x) against mean attention distance in pixels (y), one dot per head.
+def draw(table: torch.Tensor, y_max: float, y_step: float, y_label: str, title: str, uniform: float | None = None,
+         s: int = 2) -> Image.Image:
+    """Scatter plot: layer (x) against a per-head value (y), one dot per head; a dashed line at `uniform`.
 
     Drawn at s times the size and scaled down, for smooth dots and lines.
     """
     layers, heads = table.shape
-    W, H = 720 * s, 440 * s
+    W, H = 720 * s, 400 * s
     left, right, top, bottom = 80 * s, 150 * s, 50 * s, 60 * s
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    y_max = float(np.ceil(max(table.max().item(), info["uniform"]) / 5 + 0.2) * 5)
 
-    def px(layer: float, dist: float) -> tuple[float, float]:
+    def px(layer: float, value: float) -> tuple[float, float]:
         x = left + (layer - 0.5) / layers * (W - left - right)
-        y = H - bottom - dist / y_max * (H - top - bottom)
+        y = H - bottom - value / y_max * (H - top - bottom)
         return x, y
 
     # Axes, ticks and grid lines.
     d.rectangle([left, top, W - right, H - bottom], outline="black", width=s)
-    for v in np.arange(0, y_max + 1e-9, 5):
+    for v in np.arange(0, y_max + 1e-9, y_step):
         _, y = px(0.5, v)
         d.line([left, y, W - right, y], fill=(225, 225, 225), width=s)
         d.line([left - 6 * s, y, left, y], fill="black", width=s)
@@ -90,15 +93,14 @@ def draw(table: torch.Tensor, info: dict, title: str, s: int = 2) -> Image.Image
         d.text((x, H - bottom + 10 * s), str(layer), fill="black", font=font(13 * s), anchor="ma")
     d.text(((left + W - right) / 2, H - 22 * s), "layer", fill="black", font=font(14 * s), anchor="mm")
     label = Image.new("RGB", ((H - top - bottom), 24 * s), "white")
-    ImageDraw.Draw(label).text((label.width / 2, label.height / 2), "mean attention distance (pixels)", fill="black",
-                               font=font(14 * s), anchor="mm")
+    ImageDraw.Draw(label).text((label.width / 2, label.height / 2), y_label, fill="black", font=font(13 * s), anchor="mm")
     img.paste(label.rotate(90, expand=True), (16 * s, top))
     d.text((W / 2, 22 * s), title, fill="black", font=font(15 * s), anchor="mm")
 
-    # Uniform attention over the patches, for reference: dashed.
-    _, y = px(0, info["uniform"])
-    for x in range(left, W - right, 12 * s):
-        d.line([x, y, min(x + 6 * s, W - right), y], fill=(120, 120, 120), width=2 * s)
+    if uniform is not None:  # uniform attention over the patches, for reference: dashed
+        _, y = px(0, uniform)
+        for x in range(left, W - right, 12 * s):
+            d.line([x, y, min(x + 6 * s, W - right), y], fill=(120, 120, 120), width=2 * s)
 
     # One dot per head, each head a little to the side so equal values stay visible.
     r = 6 * s
@@ -114,11 +116,28 @@ def draw(table: torch.Tensor, info: dict, title: str, s: int = 2) -> Image.Image
         y = ly + h * 24 * s
         d.ellipse([lx, y, lx + 2 * r, y + 2 * r], fill=HEAD_COLORS[h % len(HEAD_COLORS)], outline="black", width=s)
         d.text((lx + 2 * r + 8 * s, y + r), f"head {h + 1}", fill="black", font=font(13 * s), anchor="lm")
-    y = ly + heads * 24 * s + r
-    d.line([lx, y, lx + 2 * r, y], fill=(120, 120, 120), width=2 * s)
-    d.text((lx + 2 * r + 8 * s, y), "uniform over", fill="black", font=font(13 * s), anchor="lm")
-    d.text((lx + 2 * r + 8 * s, y + 18 * s), "all patches", fill="black", font=font(13 * s), anchor="lm")
+    if uniform is not None:
+        y = ly + heads * 24 * s + r
+        d.line([lx, y, lx + 2 * r, y], fill=(120, 120, 120), width=2 * s)
+        d.text((lx + 2 * r + 8 * s, y), "uniform over", fill="black", font=font(13 * s), anchor="lm")
+        d.text((lx + 2 * r + 8 * s, y + 18 * s), "all patches", fill="black", font=font(13 * s), anchor="lm")
     return img.resize((W // s, H // s), Image.LANCZOS)
+
+
+def figure(distance: torch.Tensor, share: torch.Tensor, info: dict, n: int) -> Image.Image:
+    """The distance plot above the prefix-share plot."""
+    y_max = float(np.ceil(max(distance.max().item(), info["uniform"]) / 5 + 0.2) * 5)
+    top = draw(distance, y_max, 5, "mean attention distance (pixels)",
+               f"Mean attention distance over the patches, bundled model, {n} Fashion-MNIST test images",
+               uniform=info["uniform"])
+    share_max = float(np.ceil(100 * share.max().item() / 10 + 0.2) * 10)
+    step = 2 if share_max <= 10 else 10 if share_max <= 50 else 20
+    bottom = draw(100 * share, min(100.0, share_max), step, "attention to the class token (%)",
+                  "Share of each head's attention on the class token (left out of the distance)")
+    out = Image.new("RGB", (top.width, top.height + bottom.height), "white")
+    out.paste(top, (0, 0))
+    out.paste(bottom, (0, top.height))
+    return out
 
 
 def main() -> None:
@@ -128,19 +147,20 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs/attention-distance.png"))
     args = ap.parse_args()
 
-    per_image, info = distances(args.model, read_idx_images(IMAGES, args.images))
-    table = per_image.mean(0)  # (layers, heads)
+    per_image, shares, info = distances(args.model, read_idx_images(IMAGES, args.images))
+    table, share = per_image.mean(0), shares.mean(0)  # (layers, heads) each
     n = len(per_image)
-    print(f"mean attention distance over {n} Fashion-MNIST test images, in pixels of the {info['crop'][0]}x{info['crop'][1]} "
-          f"crop ({info['grid'][0]}x{info['grid'][1]} patches of {info['patch_size']} px); uniform over patches: {info['uniform']:.2f}")
-    print("layer  mean   min    max    heads")
-    for layer, row in enumerate(table, 1):
+    print(f"mean attention distance over the patches, {n} Fashion-MNIST test images, in pixels of the "
+          f"{info['crop'][0]}x{info['crop'][1]} crop ({info['grid'][0]}x{info['grid'][1]} patches of {info['patch_size']} px); "
+          f"uniform over patches: {info['uniform']:.2f}")
+    print("layer  mean   min    max    heads                        | class-token share per head (%)")
+    for layer, (row, sh) in enumerate(zip(table, share), 1):
         heads = " ".join(f"{v:5.2f}" for v in row.tolist())
-        print(f"{layer:5d}  {row.mean():5.2f}  {row.min():5.2f}  {row.max():5.2f}  {heads}")
-    title = f"Mean attention distance, bundled model, {n} Fashion-MNIST test images"
+        pct = " ".join(f"{100 * v:5.1f}" for v in sh.tolist())
+        print(f"{layer:5d}  {row.mean():5.2f}  {row.min():5.2f}  {row.max():5.2f}  {heads} | {pct}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    draw(table, info, title).save(out, optimize=True)
+    figure(table, share, info, n).save(out, optimize=True)
     print(f"wrote {out}")
 
 

@@ -207,9 +207,13 @@ def test_patch_is_the_row_of_transformers_attention_and_the_cosine_of_its_states
         similarity = np.array(got["similarity"])
         assert similarity.shape == (7, 7) and np.abs(similarity - cos[1:].reshape(7, 7)).max() <= 1e-5
         assert similarity[row - 1, col - 1] == pytest.approx(1.0, abs=1e-6)
-    # Defaults: the centre patch, the last layer, the mean of the heads.
+    # Defaults: the centre patch, the last layer, the mean of the heads, of the model named (not the default
+    # model's 6 layers): 7x7 patches and 2 layers for this one, 4x4 and 2 for the distilled DeiT.
     got = served["client"].predict(image=handle_file(CHELSEA), model=served["fruit"], api_name="/patch")
     assert (got["row"], got["col"], got["layer"], got["head"]) == (4, 4, 2, "mean")
+    got = served["client"].predict(image=handle_file(CHELSEA), model=served["deit"], api_name="/patch")
+    assert (got["grid"], got["row"], got["col"], got["layer"]) == ([4, 4], 3, 3, 2)
+    assert set(got["attention_to_prefix"]) == {"class", "distillation"} and got["token"] == 2 + 2 * 4 + 2
 
 
 @pytest.mark.parametrize("inputs, sentence", [
@@ -227,6 +231,17 @@ def test_patch_refuses_what_lies_outside_the_model_in_one_sentence(served, input
     with pytest.raises(AppError) as refused:
         served["client"].predict(image=handle_file(str(EXAMPLES / SNEAKER)), api_name="/patch", **inputs)
     assert str(refused.value) == sentence
+
+
+def test_view_api_lists_patch_and_layers_with_their_defaults(served):
+    named = served["client"].view_api(return_format="dict", print_info=False)["named_endpoints"]
+    params = {name: {p["parameter_name"]: p for p in named[name]["parameters"]} for name in ("/patch", "/layers")}
+    assert list(params["/patch"]) == ["image", "row", "col", "layer", "head", "model"]
+    assert list(params["/layers"]) == ["image", "model"]
+    defaults = {name: p["parameter_default"] for name, p in params["/patch"].items() if p["parameter_has_default"]}
+    # Nothing of the default model's size: a call that leaves them out gets the centre and the last layer of its model.
+    assert defaults == {"row": None, "col": None, "layer": None, "head": "mean", "model": BUNDLED_NAME}
+    assert not {"/inside_patch", "/inside_pick", "/inside_pick_patch", "/inside_tokens", "/inside_photo"} & set(named)
 
 
 def test_patch_and_layers_over_raw_http_with_every_input(served):
@@ -328,9 +343,11 @@ def test_inside_tab_shows_all_four_parts(browser, served):
         _shot(page, "inside-example.png")
 
         # The numbers behind the plot, as the endpoint gives them.
-        page.get_by_text("The numbers (as the /attention_distance endpoint returns them)").click()
-        page.locator("#inside-table-btn").click()
+        page.get_by_text("The numbers (as the /attention_distance endpoint returns them)").click()  # no button
         expect(page.locator("#inside-table")).to_contain_text("distance_px", timeout=WAIT_MS)
+        expect(page.locator("#inside-table")).to_contain_text("prefix_share")
+        page.get_by_text("The numbers (as the /layers endpoint returns them)").click()
+        expect(page.locator("#inside-layers-json")).to_contain_text("probability_by_layer", timeout=WAIT_MS)
         expect(page.locator("#inside-table")).to_contain_text(BUNDLED_NAME)
 
         # Another model: its own filters (RGB, 3x32x32) and patches (7x7 of 32 px); the table of the old one goes.
@@ -343,5 +360,71 @@ def test_inside_tab_shows_all_four_parts(browser, served):
         assert {layer for layer, _, _ in _dots(page, 2 * 4)} == {1, 2}
         expect(page.locator("#inside-table")).not_to_contain_text("distance_px")
         _shot(page, "inside-other-model.png")
+    finally:
+        context.close()
+
+
+SIZES = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
+
+
+def _src(page, selector: str) -> str:
+    return page.evaluate(f"() => {{ const i = document.querySelector('{selector} img'); return i ? i.src : ''; }}")
+
+
+def _click_patch(page, row: int, col: int, cell: int) -> None:
+    """Clicks the middle of patch (row, col), from 0, on the picker, where Gradio's select maps it back."""
+    img = page.locator("#inside-pick img").first
+    img.scroll_into_view_if_needed()
+    box = img.bounding_box()
+    nw, nh = page.evaluate("() => { const i = document.querySelector('#inside-pick img'); return [i.naturalWidth, i.naturalHeight]; }")
+    r = min(box["width"] / nw, box["height"] / nh, 1)  # as Gradio's ImagePreview: fitted, never enlarged, centred
+    x0, y0 = box["x"] + (box["width"] - nw * r) / 2, box["y"] + (box["height"] - nh * r) / 2
+    page.mouse.click(x0 + (col + 0.5) * cell * r, y0 + (row + 0.5) * cell * r)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_clicking_two_patches_redraws_both_maps(browser, served, size):
+    """On the Inside tab, with an example picked: the centre patch is shown first; a click on another patch moves
+    the pick, and both maps change to that patch's attention and similarity, exactly as the library draws them; a
+    second click moves it again."""
+    from playwright.sync_api import expect
+
+    phone = size == "phone"
+    context = browser.new_context(viewport=SIZES[size], is_mobile=phone, has_touch=phone)
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    clf = load_classifier(BUNDLED, device="cpu")
+    with Image.open(EXAMPLES / SNEAKER) as im:
+        walk = clf.walk(im)
+    cell = 4 * ins.cell_scale(4)
+    try:
+        page.goto(served["url"], wait_until="domcontentloaded")
+        page.locator(".gallery").get_by_text(SNEAKER).or_(page.locator(f'.gallery img[src*="{SNEAKER}"]')).first.click()
+        page.get_by_role("tab", name="Inside").filter(visible=True).first.click()
+        caption = page.locator("#inside-pick-caption")
+        expect(caption).to_contain_text("Patch row 4, column 4 (token 25), layer 6, the mean of the heads", timeout=WAIT_MS)
+        before = {s: _image(page, s) for s in ("#inside-patch-attention", "#inside-patch-similarity")}
+        seen = [before]
+        for row, col in [(1, 5), (5, 1)]:
+            srcs = {s: _src(page, s) for s in before}
+            _click_patch(page, row, col, cell)
+            expect(caption).to_contain_text(f"Patch row {row + 1}, column {col + 1} (token {1 + row * 7 + col})",
+                                            timeout=WAIT_MS)
+            for s in srcs:
+                page.wait_for_function(f"() => {{ const i = document.querySelector('{s} img'); return i && i.src !== {srcs[s]!r}; }}",
+                                       timeout=WAIT_MS)
+            now = {s: _image(page, s) for s in before}
+            view = ins.patch_view(walk["attns"], walk["tokens"], 1, (7, 7), row, col, 5)
+            for s, key, label in [("#inside-patch-attention", "attention", "attention weight"),
+                                  ("#inside-patch-similarity", "similarity", "cosine similarity")]:
+                want = np.asarray(ins.draw_patch_map(walk["crop"], view[key], 4, row, col, label))
+                assert np.array_equal(now[s], want), f"{s} after clicking ({row}, {col}) is not the library's map"
+                assert all(not np.array_equal(now[s], old[s]) for old in seen), f"{s} did not change"
+            assert page.locator("#inside-row input[type=number]").input_value() == str(row + 1)
+            assert page.locator("#inside-col input[type=number]").input_value() == str(col + 1)
+            seen.append(now)
+            page.locator("#inside-pick-row").scroll_into_view_if_needed()
+            _shot(page, f"inside-pick-{size}-{row + 1}-{col + 1}.png", full_page=False)
+        _shot(page, f"inside-walk-{size}.png")
     finally:
         context.close()

@@ -1,10 +1,13 @@
 """How a ViT sees, read from its own tensors: the patch grid, the patch-embedding filters, the position
-embeddings and the distances its heads attend over (Dosovitskiy et al. 2021, figure 7).
+embeddings and the distances its heads attend over (Dosovitskiy et al. 2021, figure 7), and one photo's walk
+through the forward pass: the tokens as colours, a picked patch's attention and feature similarity, the answer
+read out after every block, and the lines of `model.py` that compute each step.
 
 Each quantity is a pure function of the model's tensors (the crop the model saw, `patch_embed.proj.weight`,
-`pos_embed`, the attention probabilities of `VisionTransformer(x, return_attn=True)`), and each has a
-`draw_*` companion that turns it into a PIL image. Tokens are in the model's order: the prefix tokens (class,
-and distillation for distilled DeiT) first, then the patches in row-major order.
+`pos_embed`, the attention probabilities and tokens of `VisionTransformer(x, return_attn=True,
+return_tokens=True)`), and each picture has a `draw_*` companion that turns it into a PIL image. Tokens are in the
+model's order: the prefix tokens (class, and distillation for distilled DeiT) first, then the patches in row-major
+order.
 """
 
 from __future__ import annotations

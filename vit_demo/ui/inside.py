@@ -93,7 +93,7 @@ DISTANCE_NOTE = (
     "below it as the **prefix share**: a head with a high share mostly reads the class token, whatever its distance."
 )
 LAYERS_NOTE = (
-    "**The answer, layer by layer.** The model answers only after its last block. Here its final LayerNorm and head "
+    "The model answers only after its last block. Here its final LayerNorm and head "
     "are applied to the tokens the head reads after every block, as if the model stopped there. The line is the "
     "probability of the final answer after each block: where it rises is where the decision is made."
 )
@@ -151,17 +151,24 @@ def prefix_text(cfg) -> str:
         what = "one learned token is put before the patch tokens: the **class token**"
     read = ("; this model's head reads the mean of the patch tokens instead" if cfg.global_pool == "avg"
             else ", whose final state the head reads")
-    return (f"**Class token and positions.** Before the first block, {what}{read}. Then a learned position "
+    return (f"Before the first block, {what}{read}. Then a learned position "
             "embedding is added to every token, so that the model knows where each patch was.")
 
 
-def code_markdown(step: str, shape: str | None, what: str = "") -> str:
-    """A step's shape for this photo and model, and the lines of vit_demo/model.py that compute it."""
-    head = f"**Shape for this photo and model:** `{shape}`{what}" if shape else "**Shape:** give a photo to see it"
-    parts = [head + "."]
+CODE_STYLE = "white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.85em; margin: 4px 0 12px"  # wraps on a phone
+
+
+def code_html(step: str, shape: str | None, what: str = "") -> str:
+    """A step's shape for this photo and model, and the lines of vit_demo/model.py that compute it (HTML, escaped)."""
+    if shape:
+        head = f"<b>Shape for this photo and model:</b> <code>{html.escape(shape)}</code>{html.escape(what)}."
+    else:
+        head = "<b>Shape:</b> give a photo to see it."
+    parts = [f"<p>{head}</p>"]
     for e in ins.step_code(step):
-        parts.append(f"`{e['function']}` in `vit_demo/model.py`, lines {e['start']}–{e['end']}:\n```python\n{e['code']}\n```")
-    return "\n\n".join(parts)
+        parts.append(f"<p><code>{e['function']}</code> in <code>vit_demo/model.py</code>, lines {e['start']}–{e['end']}:</p>"
+                     f'<pre style="{CODE_STYLE}"><code>{html.escape(e["code"])}</code></pre>')
+    return "".join(parts)
 
 
 def distance_table(clf: Classifier, crop: torch.Tensor, attns: list[torch.Tensor]) -> dict:
@@ -268,9 +275,10 @@ def distance_plots(table: dict, counts: dict) -> tuple[gr.ScatterPlot, gr.Scatte
 def answer_plot(table: dict) -> gr.LinePlot:
     """The final class's probability after every block."""
     probs = table["final"]["probability_by_layer"]
-    frame = pd.DataFrame({"block": list(range(1, len(probs) + 1)), "probability (%)": [100 * p for p in probs],
+    blocks = [str(i) for i in range(1, len(probs) + 1)]  # categories, kept in their order by `sort`
+    frame = pd.DataFrame({"block": blocks, "probability (%)": [100 * p for p in probs],
                           "top class there": [layer["top_k"][0]["label"] for layer in table["layers"]]})
-    return gr.LinePlot(value=frame, x_lim=[1, max(2, len(probs))], y_lim=[0, 100])
+    return gr.LinePlot(value=frame, sort=blocks, y_lim=[0, 100])
 
 
 def answer_html(table: dict) -> str:
@@ -420,10 +428,10 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
                 gr.Slider(maximum=c.grid_size, value=c.grid_size // 2 + 1))
 
     def empty_walk():
-        return (None, NO_PHOTO, code_markdown("patches", None), code_markdown("embedding", None), None, None,
-                NO_PHOTO_TOKENS, code_markdown("prefix", None), code_markdown("blocks", None),
-                gr.skip(), gr.skip(), None, None, None, NO_PHOTO_PICK, code_markdown("attention", None), None,
-                None, None, NO_PHOTO_DISTANCE, None, NO_PHOTO_ANSWER, None, "", code_markdown("head", None))
+        return (None, NO_PHOTO, code_html("patches", None), code_html("embedding", None), None, None,
+                NO_PHOTO_TOKENS, code_html("prefix", None), code_html("blocks", None),
+                gr.skip(), gr.skip(), None, None, None, NO_PHOTO_PICK, code_html("attention", None), None,
+                None, None, NO_PHOTO_DISTANCE, None, NO_PHOTO_ANSWER, None, "", code_html("head", None))
 
     @gpu
     def walk_parts(image, model, row, col, layer, head, block):
@@ -457,16 +465,16 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
         heads_ = attns[0].shape[0]
         return (
             picture, counts_text(counts),
-            code_markdown("patches", f"(1, {C}, {H}, {W})", f": the normalised crop, to be cut into {n} patches of {p}×{p}"),
-            code_markdown("embedding", f"(1, {n}, {D})", f": one {D}-number token per patch"),
+            code_html("patches", f"(1, {C}, {H}, {W})", f": the normalised crop, to be cut into {n} patches of {p}×{p}"),
+            code_html("embedding", f"(1, {n}, {D})", f": one {D}-number token per patch"),
             ins.draw_token_colours(embedded), ins.draw_token_colours(after), tokens_caption,
-            code_markdown("prefix", f"(1, {N}, {D})", f": {prefix} prefix token{'s' if prefix > 1 else ''} + {n} patch tokens"),
-            code_markdown("blocks", f"(1, {N}, {D})", f" after each of the {c.depth} blocks"),
+            code_html("prefix", f"(1, {N}, {D})", f": {prefix} prefix token{'s' if prefix > 1 else ''} + {n} patch tokens"),
+            code_html("blocks", f"(1, {N}, {D})", f" after each of the {c.depth} blocks"),
             gr.Slider(maximum=gh, value=r), gr.Slider(maximum=gw, value=col_),
             picker, attention_map, similarity_map, pick_caption,
-            code_markdown("attention", f"(1, {heads_}, {N}, {N})", f": every block's attention, {heads_} heads"),
+            code_html("attention", f"(1, {heads_}, {N}, {N})", f": every block's attention, {heads_} heads"),
             view, distance, share, distance_caption, answer_plot(table), answer_html(table), table,
-            head_html(clf, walk), code_markdown("head", f"(1, {walk['logits'].shape[0]})", ": one logit per class"),
+            head_html(clf, walk), code_html("head", f"(1, {walk['logits'].shape[0]})", ": one logit per class"),
         )
 
     def walk_if_open(open_tab, image, *args):
@@ -508,7 +516,7 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
     patches = ResultImage(label="The crop the model saw, cut into patches", show_label=False, type="pil",
                           format="png", elem_id="inside-patches", interactive=False, height=320)
     counts = gr.Markdown(NO_PHOTO, elem_id="inside-counts")
-    code_patches = gr.Markdown(code_markdown("patches", None), elem_id="inside-code-patches")
+    code_patches = gr.HTML(code_html("patches", None), elem_id="inside-code-patches")
 
     gr.Markdown("### 2. Patch embedding\n" + FILTERS_NOTE)
     filters = ResultImage(label="Principal components of the patch-embedding filters", show_label=False, type="pil",
@@ -516,16 +524,16 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
     filters_caption = gr.Markdown(elem_id="inside-filters-caption")
     gr.Markdown(TOKENS_NOTE)
     with gr.Row(elem_id="inside-tokens-row"):
-        tokens_embed = ResultImage(label="Tokens after the embedding (3 principal components as RGB)", type="pil",
+        tokens_embed = ResultImage(label="After the embedding", type="pil",
                                    format="png", elem_id="inside-tokens-embed", interactive=False, height=240,
                                    min_width=160)
-        tokens_block = ResultImage(label="Tokens after the chosen block (3 principal components as RGB)", type="pil",
+        tokens_block = ResultImage(label="After the chosen block", type="pil",
                                    format="png", elem_id="inside-tokens-block", interactive=False, height=240,
                                    min_width=160)
     block = checks.Slider(1, depth, value=depth, step=1, label="After block", elem_id="inside-token-block",
                           info="Which block's output tokens to colour on the right.")
     tokens_caption = gr.Markdown(NO_PHOTO_TOKENS, elem_id="inside-tokens-caption")
-    code_embedding = gr.Markdown(code_markdown("embedding", None), elem_id="inside-code-embedding")
+    code_embedding = gr.HTML(code_html("embedding", None), elem_id="inside-code-embedding")
 
     gr.Markdown("### 3. Class token and positions")
     prefix = gr.Markdown(elem_id="inside-prefix")
@@ -533,10 +541,10 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
     positions = ResultImage(label="Similarity of each position embedding with all others", show_label=False,
                             type="pil", format="png", elem_id="inside-positions", interactive=False, height=440)
     positions_caption = gr.Markdown(elem_id="inside-positions-caption")
-    code_prefix = gr.Markdown(code_markdown("prefix", None), elem_id="inside-code-prefix")
+    code_prefix = gr.HTML(code_html("prefix", None), elem_id="inside-code-prefix")
 
     gr.Markdown("### 4. The encoder blocks\n" + BLOCKS_NOTE)
-    code_blocks = gr.Markdown(code_markdown("blocks", None), elem_id="inside-code-blocks")
+    code_blocks = gr.HTML(code_html("blocks", None), elem_id="inside-code-blocks")
     gr.Markdown(PICK_NOTE)
     with gr.Row(elem_id="inside-pick-row"):
         picker = ResultImage(label="Click a patch", type="pil", format="png", elem_id="inside-pick",
@@ -553,7 +561,7 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
         layer = checks.Slider(1, depth, value=depth, step=1, label="Layer", elem_id="inside-layer", min_width=120)
         head = checks.Dropdown(["mean"] + [str(h + 1) for h in range(heads)], value="mean", label="Head",
                                elem_id="inside-head", min_width=120)
-    code_attention = gr.Markdown(code_markdown("attention", None), elem_id="inside-code-attention")
+    code_attention = gr.HTML(code_html("attention", None), elem_id="inside-code-attention")
     with gr.Accordion("The numbers (as the /patch endpoint returns them)", open=False):
         patch_numbers = gr.JSON(label="This patch's attention and similarity", elem_id="inside-patch-json")
     # /patch's own inputs: none is set on the page, so that a call that leaves them out gets the centre patch and
@@ -575,21 +583,22 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
         elem_id="inside-prefix-share", height=220,
     )
     distance_caption = gr.Markdown(NO_PHOTO_DISTANCE, elem_id="inside-distance-caption")
-    with gr.Accordion("The numbers (as the /attention_distance endpoint returns them)", open=False):
-        table_button = gr.Button("Show the table", elem_id="inside-table-btn")
+    with gr.Accordion("The numbers (as the /attention_distance endpoint returns them)", open=False,
+                      elem_id="inside-table-accordion") as table_accordion:
         table = gr.JSON(label="Attention distance table", elem_id="inside-table")
 
-    gr.Markdown("#### " + LAYERS_NOTE)
+    gr.Markdown("#### The answer, layer by layer\n" + LAYERS_NOTE)
     answers_plot = gr.LinePlot(x="block", y="probability (%)", x_title="after block", tooltip="all",
-                               y_title="probability of the final answer (%)", label="The final answer's probability",
+                               y_title="final answer (%)", label="The final answer's probability",
                                show_label=False, elem_id="inside-layers-plot", height=260)
     answers = gr.HTML(NO_PHOTO_ANSWER, elem_id="inside-layers")
-    with gr.Accordion("The numbers (as the /layers endpoint returns them)", open=False) as layers_accordion:
+    with gr.Accordion("The numbers (as the /layers endpoint returns them)", open=False,
+                      elem_id="inside-layers-accordion") as layers_accordion:
         layers_numbers = gr.JSON(label="The top classes after every block", elem_id="inside-layers-json")
 
     gr.Markdown("### 5. The head\n" + HEAD_NOTE)
     head_table = gr.HTML(elem_id="inside-head")
-    code_head = gr.Markdown(code_markdown("head", None), elem_id="inside-code-head")
+    code_head = gr.HTML(code_html("head", None), elem_id="inside-code-head")
 
     quiet = dict(api_visibility="private", show_progress="hidden")
     walk_outputs = [patches, counts, code_patches, code_embedding, tokens_embed, tokens_block, tokens_caption,
@@ -614,8 +623,8 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
                    **fair.lane("heavy"))
         tab.select(walk_parts, walk_inputs, walk_outputs, api_name="inside_open_photo", trigger_mode="always_last",
                    **quiet, **fair.lane("heavy"))
-    table_button.click(attention_distance, [shared.photo, shared.model], table, api_name="attention_distance",
-                       **fair.lane("heavy"))
+    table_accordion.expand(attention_distance, [shared.photo, shared.model], table, api_name="attention_distance",
+                           **fair.lane("heavy"))
 
     api_button.click(patch, [shared.photo, *api_inputs, shared.model], patch_numbers, api_name="patch", **fair.lane("heavy"))
     patch_inputs = [shared.photo, row, col, layer, head, shared.model]
