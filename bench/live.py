@@ -1,5 +1,5 @@
-"""Live mode: frames answered per second through the streaming event, in a real browser fed by a fake camera, and
-the server's memory over a 2-minute stream. Writes its section of BENCHMARKS.md.
+"""Live mode: frames answered per second through the streaming event, in a real browser fed by a fake camera, the
+server's memory over a 2-minute stream, and several visitors at once. Writes its section of BENCHMARKS.md.
 
     python bench/live.py                      # ViT-B/16 (2 minutes) and DeiT-tiny size, then BENCHMARKS.md
     python bench/live.py --seconds 20 --out /tmp/b.md
@@ -9,6 +9,11 @@ Each model has random weights, saved as its library publishes it in a local fold
 fake camera plays examples/chelsea.jpg at 640x480 (the page asks the camera for 320x240) into the Live tab. The
 server counts the frames it answers; the page counts the frames it sends. The stream runs for a warm-up, then the
 measured window; then again with the attention map on. Needs Chromium at /usr/bin/chromium.
+
+Several visitors: 1, 2 and 4 pages stream at once (DeiT-tiny size) while a client uploads a photo and calls
+/classify over raw HTTP, one request after another. Each page's frames per second come from the count of answers
+its Live tab shows; the upload's latency is compared with the same requests on the idle server and with one pass
+per streaming visitor ahead of it (the pass time the page measured and shows).
 """
 
 from __future__ import annotations
@@ -228,6 +233,125 @@ def stream(pw, model: Path, y4m: Path, tmp: Path, seconds: float, map_seconds: f
         server.stop()
 
 
+def _answered(page) -> int:
+    """Frames this page's stream has had answered, as its Live tab says ("... (37 answered)")."""
+    match = re.search(r"\((\d+) answered\)", page.locator("#live-info").inner_text())
+    return int(match.group(1)) if match else 0
+
+
+def _pass_ms(page) -> float | None:
+    match = re.search(r"answered in (\d+) ms", page.locator("#live-info").inner_text())
+    return float(match.group(1)) if match else None
+
+
+def _classify_latencies(port: int, photo: Path, stop: threading.Event, out: list, limit: int = 1000) -> None:
+    """Upload `photo` and call /classify over raw HTTP (as the page does, without gradio_client's polling), one
+    request after another until `stop`; appends each latency in seconds."""
+    import httpx
+
+    base = f"http://127.0.0.1:{port}/gradio_api"
+    with httpx.Client(timeout=120) as http:
+        while not stop.is_set() and len(out) < limit:
+            start = time.perf_counter()
+            with open(photo, "rb") as f:
+                path = http.post(f"{base}/upload", files=[("files", (photo.name, f))]).json()[0]
+            image = {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": photo.name}
+            event = http.post(f"{base}/call/classify", json={"data": [image, 5, None]}).json()["event_id"]
+            with http.stream("GET", f"{base}/call/classify/{event}") as answer:
+                for line in answer.iter_lines():
+                    if line.startswith("event:") and line.split(":", 1)[1].strip() in ("complete", "error"):
+                        break
+            out.append(time.perf_counter() - start)
+
+
+def visitors(pw, model: Path, y4m: Path, photo: Path, tmp: Path, counts: tuple[int, ...], seconds: float) -> dict:
+    """1, 2, 4 ... pages streaming at once while one client uploads: frames/s per page, the upload's latency."""
+    server = Server(model, tmp)
+    browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS + [
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", f"--use-file-for-fake-video-capture={y4m}",
+    ])
+    try:
+        idle: list[float] = []
+        stop = threading.Event()
+        _classify_latencies(server.port, photo, stop, idle, limit=3)  # warm-up
+        idle.clear()
+        _classify_latencies(server.port, photo, stop, idle, limit=15)
+        result = {"idle_upload_s": float(np.median(idle)), "runs": []}
+        print(json.dumps({"idle_upload_ms": 1000 * result["idle_upload_s"]}), flush=True)
+        for n in counts:
+            contexts, pages = [], []
+            for _ in range(n):
+                context = browser.new_context(viewport={"width": 1280, "height": 1000}, permissions=["camera"])
+                context.set_default_timeout(120_000)
+                page = context.new_page()
+                page.goto(f"http://127.0.0.1:{server.port}/", wait_until="domcontentloaded")
+                page.get_by_role("tab", name="Live").filter(visible=True).first.click()
+                camera = page.locator("#live-camera")
+                access = camera.get_by_role("button", name="Click to Access Webcam")
+                access.or_(camera.locator("video")).filter(visible=True).first.wait_for(state="visible")
+                if access.is_visible():
+                    access.click()
+                page.wait_for_function("() => { const v = document.querySelector('#live-camera video'); "
+                                       "return v && v.readyState >= 2; }")
+                camera.get_by_label("capture photo").click()  # Record
+                contexts.append(context)
+                pages.append(page)
+            for page in pages:
+                page.locator('#live-label [data-testid="label-output-value"]').wait_for(state="visible")
+            pages[0].wait_for_timeout(WARMUP_S / 2 * 1000)
+            latencies: list[float] = []
+            stop = threading.Event()
+            uploader = threading.Thread(target=_classify_latencies, args=(server.port, photo, stop, latencies))
+            start, before = time.monotonic(), [_answered(p) for p in pages]
+            uploader.start()
+            pages[0].wait_for_timeout(seconds * 1000)
+            after, span = [_answered(p) for p in pages], time.monotonic() - start
+            passes = [ms for ms in (_pass_ms(p) for p in pages) if ms is not None]
+            stop.set()
+            uploader.join()
+            run = {
+                "visitors": n, "seconds": span,
+                "per_visitor_fps": [(b - a) / span for a, b in zip(before, after)],
+                "upload_p50_s": float(np.median(latencies)), "upload_max_s": float(np.max(latencies)),
+                "uploads": len(latencies), "pass_ms": float(np.median(passes)) if passes else float("nan"),
+            }
+            result["runs"].append(run)
+            print(json.dumps(run), flush=True)
+            for page in pages:
+                page.locator("#live-camera").get_by_label("capture photo").click()  # Stop
+            for context in contexts:
+                context.close()
+        return result
+    finally:
+        browser.close()
+        server.stop()
+
+
+def visitors_lines(v: dict) -> list[str]:
+    """The table of several visitors at once."""
+    lines = [
+        "",
+        "### Several visitors at once (DeiT-tiny size)",
+        "",
+        "Pages streaming at once in one headless Chromium (each with its own fake camera and session) while one "
+        "client uploads chelsea.jpg and calls /classify over raw HTTP, one request after another. Frames/s per "
+        "visitor: the answers each page's Live tab counted over the window. \"Bound\": the idle upload latency plus "
+        "one pass per streaming visitor (the pass time the pages showed).",
+        "",
+        f"Upload + /classify on the idle server: {1000 * v['idle_upload_s']:.0f} ms (median of 15).",
+        "",
+        "| streaming visitors | seconds | frames/s of each visitor | pass (ms) | uploads | upload latency p50 (ms) | max (ms) | bound (ms) | p50 within bound |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in v["runs"]:
+        bound = 1000 * v["idle_upload_s"] + r["visitors"] * r["pass_ms"]
+        fps = ", ".join(f"{f:.1f}" for f in r["per_visitor_fps"])
+        lines.append(f"| {r['visitors']} | {r['seconds']:.0f} | {fps} | {r['pass_ms']:.0f} | {r['uploads']} | "
+                     f"{1000 * r['upload_p50_s']:.0f} | {1000 * r['upload_max_s']:.0f} | {bound:.0f} | "
+                     f"{'yes' if 1000 * r['upload_p50_s'] <= bound else 'no'} |")
+    return lines
+
+
 def cpu() -> dict:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
@@ -254,7 +378,8 @@ def section(r: dict) -> str:
         f"(1 minute) when the run began: {c['load_1min']:.1f}, when it ended: {r['load_end']:.1f}"
         + (" (other work shared the machine: the figures are lower than on an idle one)." if max(c['load_1min'], r['load_end']) > c['cores'] else "."),
         "- A real browser: Chromium's fake camera plays chelsea.jpg at 640x480; the page asks for 320x240 and sends "
-        f"a frame every {r['frame_every_s']:.2f} s; the server answers the latest one each time (the others are dropped).",
+        f"the next frame when the last one is answered, at most one every {r['frame_every_s']:.2f} s (the camera's "
+        "other frames are not sent); the server answers the latest frame it has each time.",
         "- Random weights, from local folders laid out like Hub repos; each model served by the app in its own process.",
         "",
         "| model | precision | attention map | seconds measured | frames/s answered | frames/s sent by the page |",
@@ -284,6 +409,8 @@ def section(r: dict) -> str:
             notes.append(f"{m['label']}: {m['plain']['answered_per_s']:.1f} frames/s (goal on a CPU with AMX: {goal})")
     where = "this CPU has AMX" if c["amx"] else "this CPU lacks AMX, so the goals, set for CPUs with AMX, do not apply here"
     lines += [f"Goals: {'; '.join(notes)}. {where[0].upper() + where[1:]}."]
+    if r.get("visitors"):
+        lines += visitors_lines(r["visitors"])
     return "\n".join(lines)
 
 
@@ -296,6 +423,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=120, help="the ViT-B/16 stream, also the memory measure")
     p.add_argument("--small-seconds", type=float, default=30, help="the DeiT-tiny-sized stream")
     p.add_argument("--map-seconds", type=float, default=15, help="each model again with the attention map on")
+    p.add_argument("--visitors-seconds", type=float, default=20, help="each count of visitors streaming at once")
+    p.add_argument("--visitors", type=int, nargs="+", default=[1, 2, 4], help="how many visitors stream at once")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = p.parse_args()
     r = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu(),
@@ -310,6 +439,9 @@ def main() -> None:
         for label, model, seconds in (("ViT-B/16", base, args.seconds), ("DeiT-tiny size", tiny, args.small_seconds)):
             result = stream(pw, model, y4m, tmp, seconds, args.map_seconds)
             r["models"].append({"label": label, **result})
+        photo = tmp / "chelsea.jpg"
+        photo.write_bytes((ROOT / "examples" / "chelsea.jpg").read_bytes())
+        r["visitors"] = visitors(pw, tiny, y4m, photo, tmp, tuple(args.visitors), args.visitors_seconds)
     r["load_end"] = os.getloadavg()[0]
     write_section(args.out, "live", section(r))
     print(f"wrote the live section of {args.out}")
