@@ -17,6 +17,7 @@ import torch
 from ..classifier import Classifier
 from ..hub import ModelLoadError, looks_local
 from ..registry import BUNDLED, BUNDLED_NAME, Registry
+from . import checks
 from .checks import model_name, refusal
 
 try:  # On Hugging Face ZeroGPU hardware, inference runs under spaces.GPU; elsewhere this changes nothing.
@@ -101,7 +102,7 @@ class Shared:
     def classifier(self, name) -> Classifier:
         """The loaded model a request names (the default when empty); refusals in one sentence."""
         try:
-            return self.registry.get(self.resolve(name))
+            return self.registry.get(self.resolve(name), client=checks.current_client())
         except ModelLoadError as e:
             raise refusal(self.public(str(e))) from e
 
@@ -138,7 +139,7 @@ def facts(shown: str, name: str, clf: Classifier) -> str:
     else:
         source = f"the Hugging Face Hub, {clf.format} format"
     return (
-        f"**{shown}**: {c.depth} layers, {c.num_heads} heads, {c.img_size}×{c.img_size} px input in "
+        f"**{checks.text(shown)}**: {c.depth} layers, {c.num_heads} heads, {c.img_size}×{c.img_size} px input in "
         f"{c.patch_size}×{c.patch_size} patches, {len(clf.labels):,} classes, {_millions(params)} parameters, "
         f"{precision} on {clf.device.type.upper()}. Weights: {source}."
     )

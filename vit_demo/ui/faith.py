@@ -25,7 +25,7 @@ from . import checks, figures
 from .classify import percent
 from .common import DAMAGED, Shared, gpu, relay
 from .guard import decoding
-from .maps import MapRequest, parse
+from .maps import MapRequest, attending, parse
 
 # The methods the comparison draws, with the names of its tiles ("heads" draws several maps: left out).
 COMPARED = {
@@ -76,7 +76,7 @@ def score(req: MapRequest, progress=None) -> dict:
             progress((done, total), desc="Scoring the map: forward passes", unit="passes")
 
     try:
-        with decoding(req.path, req.clf):
+        with decoding(req.path, req.clf), attending(req.clf):
             return req.clf.faithfulness(req.path, req.method, req.target, key=req.path, progress=report, **req.options)
     except (OSError, SyntaxError) as e:
         raise checks.refusal(DAMAGED) from e
@@ -101,7 +101,7 @@ def verdict(result: dict) -> str:
 
 def scores_html(result: dict) -> str:
     """The two AUCs with one sentence each, the random order's beside them, what they cost, and the plot's key."""
-    rnd, target = result["random"], html.escape(result["target"])
+    rnd, target = result["random"], checks.text(result["target"])
     legend = "".join(f'<span><i style="background:{colour}"></i>{name}</span>' for name, colour in CURVES.items())
     return (
         f"<p><b>Deletion AUC {result['deletion_auc']:.3f}</b> (random order {rnd['deletion_auc']:.3f}). Lower is "
@@ -213,7 +213,7 @@ def build_compare(shared: Shared, target, controls: dict, alpha) -> None:
 
             progress(i / len(reqs), desc=f"Scoring {name}")
             try:
-                with decoding(req.path, req.clf):
+                with decoding(req.path, req.clf), attending(req.clf):
                     crop, grid_map, _, _ = req.clf.maps(req.path, req.method, req.target, key=req.path, **req.options)
                     result = req.clf.faithfulness(req.path, req.method, req.target, key=req.path, progress=report,
                                                   **req.options)
@@ -267,7 +267,7 @@ def compare_table(results: list[tuple[str, dict]]) -> str:
     lines += [f"| {name} | {cell(d, best_deletion)} | {cell(i, best_insertion)} |" for name, d, i in rows]
     passes = sum(r["forward_passes"] for _, r in results)
     return (
-        f"Scored for the class **{first['target']}** ({percent(first['probability'])} on the whole crop), "
+        f"Scored for the class **{checks.text(first['target'])}** ({percent(first['probability'])} on the whole crop), "
         f"{first['steps']} steps per curve, {passes} forward passes. Deletion: lower is better; insertion: higher "
         "is better.\n\n" + "\n".join(lines)
     )

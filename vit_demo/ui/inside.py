@@ -22,6 +22,7 @@ from ..classifier import Classifier
 from . import checks
 from .common import DAMAGED, Shared, gpu, need
 from .guard import ResultImage, decoding
+from .maps import attending
 
 TAB = "Inside"  # the tab's label, as the page's open-tab state holds it
 COMPONENTS = 28  # principal components of the patch-embedding filters drawn (fewer when the filters have fewer)
@@ -75,7 +76,7 @@ def _model_figures(clf: Classifier) -> tuple:
 def _attend(clf: Classifier, path: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The crop the model saw and every layer's attention, for a photo the guard admitted."""
     try:
-        with decoding(path, clf):
+        with decoding(path, clf), attending(clf):
             crop, attns, _ = clf.attention(path, key=path)
     except (OSError, SyntaxError) as e:
         raise checks.refusal(DAMAGED) from e

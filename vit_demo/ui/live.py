@@ -34,6 +34,7 @@ from PIL import Image
 
 from .. import explain
 from ..runtime import MAX_BATCH
+from . import checks
 from .common import Shared, gpu
 from .guard import BUDGET, Frame, LiveFrame
 
@@ -90,7 +91,7 @@ def build(shared: Shared) -> None:
                 top, overlay = clf.predict(image, k=TOP_K), gr.skip()
         ms = 1000 * (time.perf_counter() - start)
         precision = "" if clf.dtype == torch.float32 else f" in {str(clf.dtype).removeprefix('torch.')}"
-        info = (f"**{shared.display_name(model)}**: {frame.size[0]}×{frame.size[1]} frame answered in {ms:.0f} ms "
+        info = (f"**{checks.text(shared.display_name(model))}**: {frame.size[0]}×{frame.size[1]} frame answered in {ms:.0f} ms "
                 f"on {clf.device.type.upper()}{precision}.")
         return {label: score for label, score in top}, overlay, info
 
