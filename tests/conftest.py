@@ -232,6 +232,8 @@ class FakeHub(list):
         super().__init__()
         self.hf_home = hf_home  # its cache is hf_home / "hub", as lay_out_hub_cache lays one out
         self.repos: dict[str, tuple[str, Path]] = {}
+        self.broken: dict[str, int] = {}  # file name -> the status it answers with (0: the connection is dropped)
+        self.sent = 0  # body bytes sent, all requests together
 
     def serve(self, repo_id: str, folder: Path) -> str:
         """Serves a folder's files as `repo_id` at one commit; returns the commit hash (lay_out_hub_cache's)."""
@@ -251,6 +253,12 @@ def fake_hub(monkeypatch, tmp_path):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             hub.append(self.path)
+            broken = next((code for name, code in hub.broken.items() if self.path.endswith("/" + name)), None)
+            if broken == 0:
+                self.close_connection = True
+                return self.connection.shutdown(socket.SHUT_RDWR)
+            if broken is not None:
+                return self._send(broken, b'{"error": "down"}', {})
             served = self._served()
             if served is not None:
                 return self._send(200, *served)
@@ -273,7 +281,12 @@ def fake_hub(monkeypatch, tmp_path):
                     if not (folder / name).is_file():
                         return b'{"error": "no"}', {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha, "status": 404}
                     body = (folder / name).read_bytes()
-                    return body, {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha1(body).hexdigest()}"'}
+                    headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha1(body).hexdigest()}"'}
+                    ranged = self.headers.get("Range", "").removeprefix("bytes=").split("-")
+                    if self.command == "GET" and len(ranged) == 2 and ranged[0].isdigit():  # a range request
+                        start, end = int(ranged[0]), int(ranged[1]) if ranged[1].isdigit() else len(body) - 1
+                        body, headers["status"] = body[start:end + 1], 206
+                    return body, headers
             return None
 
         def _send(self, status: int, body: bytes, headers: dict):
@@ -285,6 +298,7 @@ def fake_hub(monkeypatch, tmp_path):
             self.end_headers()
             if self.command == "GET":
                 self.wfile.write(body)
+                hub.sent += len(body)
 
         def log_message(self, *args):
             pass

@@ -65,7 +65,7 @@ def test_a_caller_arriving_as_a_load_ends_gets_that_model(monkeypatch):
 
 
 def test_after_a_failed_load_the_retry_is_shared_and_no_caller_loads_in_parallel(monkeypatch):
-    """A fails; B, who waited for A, retries; C, arriving during B's retry, waits for it instead of starting a
+    """A fails (the Hub was out of reach); B, who waited for A, retries; C, arriving during B's retry, waits for it instead of starting a
     parallel load (and nobody removes the lock another caller is using)."""
     loads, release = [], [threading.Event(), threading.Event(), threading.Event()]
     made = []
@@ -75,7 +75,7 @@ def test_after_a_failed_load_the_retry_is_shared_and_no_caller_loads_in_parallel
         loads.append(name)
         release[n].wait(timeout=30)
         if n == 0:
-            raise ModelLoadError("the Hub could not be reached")
+            raise ModelLoadError("the Hub could not be reached", transient=True)  # not remembered: retried
         made.append(object())
         return made[-1]
 

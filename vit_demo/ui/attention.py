@@ -24,7 +24,7 @@ from . import checks, fair, faith, figures
 from .classify import percent
 from .common import DAMAGED, Shared, gpu, probabilities, relay
 from .guard import ResultImage, photo_crop
-from .maps import parse, target_value
+from .maps import attending, parse, target_value
 
 # The methods the page offers, in order: (label on the page, method of vit_demo.explain).
 METHOD_CHOICES = [
@@ -62,8 +62,8 @@ def method_note(method: str) -> str:
 def caption(method: str, label: str, probability: float) -> str:
     """Which class the map belongs to, with its probability."""
     if method in CLASS_SPECIFIC:
-        return f"This map explains the class **{label}** ({percent(probability)})."
-    return f"The model's answer: **{label}** ({percent(probability)}). This map is the same for every class."
+        return f"This map explains the class **{checks.text(label)}** ({percent(probability)})."
+    return f"The model's answer: **{checks.text(label)}** ({percent(probability)}). This map is the same for every class."
 
 
 def target_choices(clf: Classifier, logits: torch.Tensor, target: int) -> gr.Dropdown:
@@ -99,8 +99,9 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
         alpha = checks.fraction(alpha, 0, 1, "overlay opacity")
         clf = req.clf
         try:
-            crop, grid_map, t, logits = clf.maps(photo_crop(req.path, clf), req.method, req.target, key=req.path,
-                                                 **req.options)
+            crop = photo_crop(req.path, clf)
+            with attending(clf):
+                crop, grid_map, t, logits = clf.maps(crop, req.method, req.target, key=req.path, **req.options)
         except (OSError, SyntaxError) as e:
             raise checks.refusal(DAMAGED) from e
         crop = figures.enlarge(crop)  # small crops (28x28) are enlarged, pixels kept sharp

@@ -4,12 +4,19 @@ The page's components pass their values through unchecked (`Lenient`), so that a
 checks as the page, against the model it names rather than the default model's size, and never Gradio's
 generic "Error". A refusal is one sentence for the visitor and one line in the log; the log is rate-limited,
 so a flood of bad requests cannot grow it without bound.
+
+Text that comes from a checkpoint or a visitor (class names, model names, folder names, targets) meets Markdown
+or HTML only through `text`, which makes every character that either could read as markup an HTML entity: it
+shows as itself, never as a tag, an image, a link or a table's cell border. Refusals are shown by the page as
+HTML too, so `refusal` escapes the characters that start markup there.
 """
 
 from __future__ import annotations
 
+import html
 import logging
 import math
+import re
 import threading
 import time
 
@@ -54,10 +61,40 @@ class _RefusalLog:
 log_refusal = _RefusalLog()
 
 
+_MARKUP = re.compile(r"[^\w\s]|_")  # every ASCII and Unicode punctuation or symbol character, and "_"
+
+
+def text(value) -> str:
+    """Untrusted text (a class name, model or folder name, a target) made safe to put into Markdown or HTML: every
+    character other than letters, digits and spaces becomes a numeric entity, and line breaks become spaces, so
+    that it is shown as written and never read as markup (no tags, images, links, emphasis or table cells).
+
+    Args:
+        value: the text (anything else is shown as its repr).
+    Returns:
+        the same text, for a gr.Markdown or gr.HTML value.
+    """
+    value = value if isinstance(value, str) else repr(value)
+    return _MARKUP.sub(lambda m: f"&#{ord(m.group())};", " ".join(value.split()))
+
+
 def refusal(message: str) -> gr.Error:
-    """A visitor's error: logged in one line, returned to be raised."""
+    """A visitor's error: logged in one line, returned to be raised. The page shows it as HTML: `<` and `&` in the
+    names it quotes are shown as written."""
     log_refusal(message)
-    return gr.Error(message, print_exception=False)
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
+
+
+def current_client() -> str | None:
+    """Who sent the request being served (its session, else its address); None outside a request."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    if request is None:
+        return None
+    session = getattr(request, "session_hash", None)
+    host = getattr(getattr(request, "client", None), "host", None)
+    return session or host
 
 
 def model_name(value) -> str:

@@ -8,7 +8,6 @@ its own (#label) that gives small ones enough digits to be non-zero: gr.Label ro
 
 from __future__ import annotations
 
-import html
 import math
 import time
 
@@ -47,13 +46,13 @@ def table(top: list[tuple[str, float]]) -> str:
         return ""
     name, p = top[0]
     rows = "".join(
-        f'<tr><td class="name">{html.escape(label)}</td>'
+        f'<tr><td class="name">{checks.text(label)}</td>'
         f'<td class="bar"><span style="width:{100 * score:.2f}%"></span></td>'
         f'<td class="pct">{percent(score)}</td></tr>'
         for label, score in top
     )
     return (
-        f'<div class="answer"><span class="top-class" data-testid="top-class">{html.escape(name)}</span> '
+        f'<div class="answer"><span class="top-class" data-testid="top-class">{checks.text(name)}</span> '
         f'<span class="top-pct">{percent(p)}</span></div><table class="probs">{rows}</table>'
     )
 
@@ -84,7 +83,7 @@ def build(shared: Shared) -> None:
             raise checks.refusal(DAMAGED) from e
         ms = 1000 * (time.perf_counter() - start)
         precision = "" if clf.dtype == torch.float32 else f" in {str(clf.dtype).removeprefix('torch.')}"
-        info = f"**{shared.display_name(model)}** answered in {ms:.0f} ms on {clf.device.type.upper()}{precision}."
+        info = f"**{checks.text(shared.display_name(model))}** answered in {ms:.0f} ms on {clf.device.type.upper()}{precision}."
         return top, info
 
     @gpu

@@ -17,7 +17,7 @@ import torch
 from ..classifier import Classifier
 from ..hub import ModelLoadError, looks_local
 from ..registry import BUNDLED, BUNDLED_NAME, Registry
-from . import fair
+from . import checks, fair
 from .checks import model_name, refusal
 
 try:  # On Hugging Face ZeroGPU hardware, inference runs under spaces.GPU; elsewhere this changes nothing.
@@ -104,7 +104,7 @@ class Shared:
         try:
             name = self.resolve(name)
             fair.count_switch(self.registry, name)  # a load counts against the client's share of switches
-            return self.registry.get(name)
+            return self.registry.get(name, client=checks.current_client())
         except ModelLoadError as e:
             raise refusal(self.public(str(e))) from e
 
@@ -141,7 +141,7 @@ def facts(shown: str, name: str, clf: Classifier) -> str:
     else:
         source = f"the Hugging Face Hub, {clf.format} format"
     return (
-        f"**{shown}**: {c.depth} layers, {c.num_heads} heads, {c.img_size}×{c.img_size} px input in "
+        f"**{checks.text(shown)}**: {c.depth} layers, {c.num_heads} heads, {c.img_size}×{c.img_size} px input in "
         f"{c.patch_size}×{c.patch_size} patches, {len(clf.labels):,} classes, {_millions(params)} parameters, "
         f"{precision} on {clf.device.type.upper()}. Weights: {source}."
     )

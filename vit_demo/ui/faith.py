@@ -25,7 +25,7 @@ from . import checks, fair, figures
 from .classify import percent
 from .common import DAMAGED, Shared, gpu, relay
 from .guard import photo_crop
-from .maps import MapRequest, parse
+from .maps import MapRequest, attending, parse
 
 # The methods the comparison draws, with the names of its tiles ("heads" draws several maps: left out).
 COMPARED = {
@@ -76,8 +76,10 @@ def score(req: MapRequest, progress=None) -> dict:
             progress((done, total), desc="Scoring the map: forward passes", unit="passes")
 
     try:
-        return req.clf.faithfulness(photo_crop(req.path, req.clf), req.method, req.target, key=req.path,
-                                    progress=report, **req.options)
+        crop = photo_crop(req.path, req.clf)
+        with attending(req.clf):
+            return req.clf.faithfulness(crop, req.method, req.target, key=req.path, progress=report,
+                                        **req.options)
     except (OSError, SyntaxError) as e:
         raise checks.refusal(DAMAGED) from e
 
@@ -101,7 +103,7 @@ def verdict(result: dict) -> str:
 
 def scores_html(result: dict) -> str:
     """The two AUCs with one sentence each, the random order's beside them, what they cost, and the plot's key."""
-    rnd, target = result["random"], html.escape(result["target"])
+    rnd, target = result["random"], checks.text(result["target"])
     legend = "".join(f'<span><i style="background:{colour}"></i>{name}</span>' for name, colour in CURVES.items())
     return (
         f"<p><b>Deletion AUC {result['deletion_auc']:.3f}</b> (random order {rnd['deletion_auc']:.3f}). Lower is "
@@ -223,9 +225,10 @@ def build_compare(shared: Shared, target, controls: dict, alpha) -> None:
             progress(i / len(reqs), desc=f"Scoring {name}")
             try:
                 crop = photo_crop(req.path, req.clf)
-                crop, grid_map, _, _ = req.clf.maps(crop, req.method, req.target, key=req.path, **req.options)
-                result = req.clf.faithfulness(crop, req.method, req.target, key=req.path, progress=report,
-                                              **req.options)
+                with attending(req.clf):
+                    crop, grid_map, _, _ = req.clf.maps(crop, req.method, req.target, key=req.path, **req.options)
+                    result = req.clf.faithfulness(crop, req.method, req.target, key=req.path, progress=report,
+                                                  **req.options)
             except (OSError, SyntaxError) as e:
                 raise checks.refusal(DAMAGED) from e
             tiles.append((figures.draw(figures.enlarge(crop), grid_map, alpha)[0], name, result))
@@ -276,7 +279,7 @@ def compare_table(results: list[tuple[str, dict]]) -> str:
     lines += [f"| {name} | {cell(d, best_deletion)} | {cell(i, best_insertion)} |" for name, d, i in rows]
     passes = sum(r["forward_passes"] for _, r in results)
     return (
-        f"Scored for the class **{first['target']}** ({percent(first['probability'])} on the whole crop), "
+        f"Scored for the class **{checks.text(first['target'])}** ({percent(first['probability'])} on the whole crop), "
         f"{first['steps']} steps per curve, {passes} forward passes. Deletion: lower is better; insertion: higher "
         "is better.\n\n" + "\n".join(lines)
     )

@@ -37,6 +37,7 @@ from . import checks, fair
 from .classify import percent
 from .common import DAMAGED, Shared, gpu, need
 from .guard import ResultImage, photo_crop
+from .maps import attending
 
 TAB = "Inside"  # the tab's label, as the page's open-tab state holds it
 COMPONENTS = 28  # principal components of the patch-embedding filters drawn (fewer when the filters have fewer)
@@ -106,7 +107,9 @@ HEAD_NOTE = (
 def _walk(clf: Classifier, path: str) -> dict:
     """The kept forward pass of a photo the guard admitted (Classifier.walk)."""
     try:
-        return clf.walk(photo_crop(path, clf), key=path)
+        crop = photo_crop(path, clf)
+        with attending(clf):
+            return clf.walk(crop, key=path)
     except (OSError, SyntaxError) as e:
         raise checks.refusal(DAMAGED) from e
 

@@ -43,9 +43,10 @@ from gradio.data_classes import ImageData
 from PIL import Image
 
 from .. import explain
-from . import fair
+from . import checks, fair
 from .common import Shared, gpu
 from .guard import BUDGET, Frame, LiveFrame
+from .maps import attending
 
 FRAME_EVERY_S = 0.04  # the page sends a frame at most this often (25 a second)
 PACE_STALE_MS = 3000  # a frame still unanswered after this long no longer holds the next one back
@@ -128,7 +129,7 @@ def rates_line(name: str, stats: dict, frame_size, clf) -> str:
     """The line under the label: frames per second and time per answer of this visitor's stream, as measured."""
     precision = "" if clf.dtype == torch.float32 else f" in {str(clf.dtype).removeprefix('torch.')}"
     pace = f"{stats['per_s']:.1f} frames/s, " if stats["per_s"] is not None else ""
-    return (f"**{name}**: {pace}{frame_size[0]}×{frame_size[1]} frame answered in {stats['ms']:.0f} ms on "
+    return (f"**{checks.text(name)}**: {pace}{frame_size[0]}×{frame_size[1]} frame answered in {stats['ms']:.0f} ms on "
             f"{clf.device.type.upper()}{precision} ({stats['answered']} answered).")
 
 
@@ -146,7 +147,8 @@ def build(shared: Shared) -> None:
         with BUDGET.hold(frame.nbytes):  # the decode only: the frame is dropped once cropped
             crop = clf.crop(frame.decode())
         if show_map is True:
-            top, overlay = attention_map(clf, crop, TOP_K)
+            with attending(clf):
+                top, overlay = attention_map(clf, crop, TOP_K)
         else:
             top, overlay = clf.predict(crop, k=TOP_K), gr.skip()
         done = time.perf_counter()

@@ -3,18 +3,25 @@
 Shared by the Attention tab's map, its faithfulness score and the comparison of methods, so that `/explain`,
 `/faithfulness` and the page refuse the same inputs with the same sentences. Only the options a method reads
 are checked (explain.OPTIONS), so a layer left at another model's default does not refuse a rollout.
+
+Every map's explicit attention is counted in one budget (`attending`), as decodes are in the decode budget: the
+maps of a large model wait for room rather than exhaust memory together.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
+from ..checkpoint_checks import ATTENTION_BUDGET_BYTES, attention_bytes
 from ..classifier import Classifier
 from ..explain import HEAD_FUSIONS, METHODS, OPTIONS
 from . import checks
 from .common import Shared, need
+from .guard import DecodeBudget
 
 MAX_LABEL_CHARS = 300  # longer class names are refused without being looked up
+ATTENTION = DecodeBudget(ATTENTION_BUDGET_BYTES)  # the attention memory of every map being computed (README)
 NOT_TEXT = "The class to explain must be given as its label in text, such as 'Sandal', or left empty for the top class."
 
 
@@ -80,3 +87,12 @@ def target_value(clf: Classifier, index: int) -> str:
     same label (ImageNet has two "crane"s)."""
     label = clf.labels[index]
     return label if clf.target_index(label) == index else str(index)
+
+
+@contextlib.contextmanager
+def attending(clf: Classifier):
+    """Holds the memory one map of `clf` takes on the explicit attention path (checkpoint_checks.attention_bytes:
+    copies x layers x heads x tokens² x 4 bytes) in the attention budget while the block runs; past the budget,
+    a request waits for its turn. A model whose one map exceeds the whole budget was refused at load."""
+    with ATTENTION.hold(attention_bytes(clf.config, clf.preprocessor.cfg.input_size)):
+        yield

@@ -13,6 +13,7 @@ model that was serving and says why; if it loads, the tabs' model handlers run, 
 
 from __future__ import annotations
 
+import html
 import inspect
 import logging
 import os
@@ -187,17 +188,21 @@ def start_registry(registry: Registry) -> tuple[Registry, str, bool]:
         reason = str(e)
         offline = offline or _unreachable(e)
     failed = registry.default
+
+    def shown(text: str) -> str:  # a reason may quote the checkpoint's own text: shown as text, without paths
+        return checks.text(without_paths(text, display_names(registry.choices)))
+
     if bundled_available():
         registry.make_default(BUNDLED_NAME)
         try:
             warm_up(registry.get(BUNDLED_NAME))
             log.warning("%s could not be loaded: %s Serving the bundled offline model instead.", failed, reason)
-            return registry, f"⚠️ **Serving the bundled offline model (Fashion-MNIST).** {failed} could not be loaded: {reason}", offline
+            return registry, f"⚠️ **Serving the bundled offline model (Fashion-MNIST).** {failed} could not be loaded: {shown(reason)}", offline
         except ModelLoadError as e:
             reason += f" The bundled model failed too: {e}"
     log.error("%s could not be loaded, and no model is served: %s", failed, reason)
     return registry, (
-        f"⚠️ {failed} could not be loaded. {reason} No offline model is bundled: set VIT_DEMO_MODEL to a local "
+        f"⚠️ {failed} could not be loaded. {shown(reason)} No offline model is bundled: set VIT_DEMO_MODEL to a local "
         "folder holding a ViT checkpoint (config.json and model.safetensors) and restart."
     ), offline
 
@@ -309,7 +314,8 @@ def _wire(shared: Shared, tabs: gr.Tabs, model_info, model_note) -> None:
         except gr.Error as e:  # a refusal, already logged in one line
             gr.Warning(e.message)
             tried = checks.short(name) if isinstance(name, str) else "That model"
-            return was, was, gr.skip(), f"⚠️ **{tried}** could not be loaded: {e.message} Still serving **{was}**.", False
+            why = checks.text(html.unescape(e.message))  # visitor-typed names and checkpoint text, shown as text
+            return was, was, gr.skip(), f"⚠️ **{checks.text(tried)}** could not be loaded: {why} Still serving **{checks.text(was)}**.", False
         return shown, shown, shared.facts(shown, clf), "", True
 
     def go_on(ok):
