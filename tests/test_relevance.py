@@ -302,3 +302,30 @@ def test_a_batch_gives_each_image_its_own_gradients(bundled):
     for i, im in enumerate(images):
         _, a1, g1, _ = bundled.attention_gradients(bundled.preprocess(im), [targets[i].item()])
         assert_close(grads[-1][i], g1[-1][0], 1e-6, f"image {i} alone vs in the batch")
+
+
+def test_every_map_of_an_average_pooled_model_reads_the_pooled_rows(tmp_path, photo):
+    """Attention and rollout, like relevance, read the rows of the tokens the head reads: for average pooling the
+    patch tokens, found here from timm's own model, not the class token (whose last state the logits ignore)."""
+    ref = make_timm(tmp_path / "ckpt", "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, global_pool="avg", num_classes=10)
+    model = ref.model
+    kept = []
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(lambda m, i, out: kept.append(out.detach()[0]))
+    clf = load_classifier(ref.path, device="cpu", dtype=torch.float32)
+    x = clf.preprocess(photo).requires_grad_(False)
+    tokens = model.forward_features(x)
+    tokens.retain_grad()
+    model.forward_head(tokens).sum().backward()
+    rows = tokens.grad[0].abs().sum(-1).nonzero().flatten().tolist()  # the tokens timm's head reads
+    assert clf.model.readout_tokens(17) == rows == list(range(1, 17))
+    last = kept[-1].mean(0).double()  # (17, 17): the last layer, mean of heads
+    expected = last[rows].mean(0)[1:].view(4, 4)
+    assert_close(clf.heatmap(photo, "attention"), expected, 1e-6, "attention, average pooling")
+    R = torch.eye(17, dtype=torch.float64)
+    for a in kept:
+        a = a.mean(0).double() + torch.eye(17, dtype=torch.float64)
+        R = (a / a.sum(-1, keepdim=True)) @ R
+    assert_close(clf.heatmap(photo, "rollout", discard_ratio=0.0), R[rows].mean(0)[1:].view(4, 4), 1e-6, "rollout, average pooling")
+    assert (R[0, 1:] - R[rows].mean(0)[1:]).abs().max() > 1e-3, "the class token's row would differ"

@@ -7,8 +7,8 @@ method's controls show. The class to explain is one of the photo's top classes (
 picked); it steers the class-specific methods, and the others say that they are the same for every class.
 Under the map, its faithfulness is scored on request (`faith.py`), and every method can be compared.
 
-To offer another method of `vit_demo.explain`, add it to METHOD_CHOICES; the options it reads (explain.OPTIONS)
-name the controls it shows, and explain.DESCRIPTIONS gives its sentence. A new option needs a control in
+To offer another method, add its entry to `vit_demo.explain.METHOD_TABLE`: its label, sentence and options (which
+name the controls it shows) come from there. A new option needs a control in
 `build` under the same name, and a check in `maps.map_options`.
 """
 
@@ -19,26 +19,20 @@ import torch
 from PIL import Image
 
 from ..classifier import Classifier
-from ..explain import CLASS_SPECIFIC, DEFAULT_DISCARD_RATIO, DESCRIPTIONS, HEAD_FUSIONS, METHODS, OPTIONS
+from ..explain import CLASS_SPECIFIC, DEFAULT_DISCARD_RATIO, DESCRIPTIONS, HEAD_FUSIONS, METHOD_TABLE, METHODS, OPTIONS
 from . import checks, faith, figures
 from .classify import percent
 from .common import DAMAGED, Shared, gpu, probabilities, relay
 from .guard import ResultImage, decoding
 from .maps import parse, target_value
 
-# The methods the page offers, in order: (label on the page, method of vit_demo.explain).
-METHOD_CHOICES = [
-    ("Attention rollout", "rollout"),
-    ("Class-token attention (one layer)", "attention"),
-    ("All heads of one layer", "heads"),
-    ("Relevance (Chefer et al. 2021): why this class", "relevance"),
-    ("Gradient-weighted rollout", "gradient_rollout"),
-]
+# The methods the page offers, in the table's order: (label on the page, method of vit_demo.explain).
+METHOD_CHOICES = [(m.label, name) for name, m in METHOD_TABLE.items()]
 ALWAYS_SHOWN = ("alpha",)  # controls every method uses
 TOP_CLASSES = 5  # the classes offered to explain
 TARGET_INFO = {
     True: "The map answers: why this class? Pick another of the top classes to see what speaks for it.",
-    False: "This method's map is the same for every class: pick Relevance or Gradient-weighted rollout to explain one.",
+    False: "This method's map is the same for every class: pick a method that explains a class, such as Relevance or Libra FullGrad+.",
 }
 
 
@@ -124,7 +118,7 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
         alpha: float = 0.6,
         target: str | None = None,
     ):
-        """Where the model looked, over the crop it saw; for "relevance" and "gradient_rollout", why it chose
+        """Where the model looked, over the crop it saw; for the class-specific methods, why it chose
         `target` (a label; empty for the top class). Returns the overlay (and, for the page, the rest)."""
         overlay, *rest = draw(image, method, model, layer, head, head_fusion, discard_ratio, alpha, target)
         return overlay, rest
