@@ -8,12 +8,14 @@ of BENCHMARKS.md, between `<!-- faithfulness:start -->` and `<!-- faithfulness:e
 Every figure is kept in BENCHMARKS-faithfulness.json beside the Markdown file, so that one part can be measured
 again (the cost figures, say, on a quiet machine) without the others.
 
-- Deletion and insertion AUCs (vit_demo.faithfulness, default settings) of every method on the bundled model, for
-  its top class, beside a random patch order's.
+- Deletion and insertion AUCs and SaCo (vit_demo.faithfulness, default settings) of every method on the bundled
+  model, for its top class, beside the random baseline (the mean of the seeded random orders) and a random map's.
 - Model randomisation (Adebayo et al. 2018): each method's maps from the trained model and from a freshly
   initialised one, compared by Spearman rank correlation.
-- Cost on the CPU: a relevance map against a prediction (ViT-B/16 with random weights, and the bundled model), and a
-  ViT-B/16 faithfulness score at default settings in forward passes, steps and time.
+- Cost on the CPU: each class-specific map against a prediction (ViT-B/16 with random weights, and the bundled
+  model), and a ViT-B/16 faithfulness score at default settings in forward passes, steps and time.
+
+    python bench/faithfulness.py --render                 # rewrite the section from the JSON figures only
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vit_demo import ViTConfig, VisionTransformer, load_classifier  # noqa: E402
+from vit_demo import attribution  # noqa: E402
 from vit_demo import explain as ex  # noqa: E402
 from vit_demo import faithfulness as faith  # noqa: E402
 from vit_demo.classifier import Classifier  # noqa: E402
@@ -48,14 +51,20 @@ from sections import write_section  # noqa: E402  (bench/, beside this script)
 BUNDLED = ROOT / "vit_demo" / "weights" / "vit-fashion-mnist"
 IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 PARTS = ("costs", "sanity", "table")
+RANDOM = "random order"
 
-# The maps compared, with the options the page uses by default.
-METHODS = {
-    "class-token attention, last layer (mean of heads)": ("attention", {}),
-    f"rollout (mean of heads, discard ratio {ex.DEFAULT_DISCARD_RATIO})": ("rollout", {}),
-    "relevance (Chefer et al. 2021)": ("relevance", {}),
-    f"gradient rollout (discard ratio {ex.DEFAULT_DISCARD_RATIO})": ("gradient_rollout", {}),
-}
+# The maps compared (every method of the table that draws one map), at the options the page uses by default.
+METHODS = [name for name, m in ex.METHOD_TABLE.items() if not m.panels]
+DETAILS = {"attention": "last layer, mean of heads", "rollout": f"mean of heads, discard ratio {ex.DEFAULT_DISCARD_RATIO}",
+           "gradient_rollout": f"discard ratio {ex.DEFAULT_DISCARD_RATIO}"}
+
+
+def title(name: str) -> str:
+    """A method's row name: its label on the page, its API name, and its options."""
+    if name not in ex.METHOD_TABLE:
+        return name
+    detail = f", {DETAILS[name]}" if name in DETAILS else ""
+    return f"{ex.METHOD_TABLE[name].label} (`{name}`{detail})"
 
 
 def read_images(count: int) -> torch.Tensor:
@@ -69,17 +78,21 @@ def read_images(count: int) -> torch.Tensor:
 
 
 def batch_maps(clf: Classifier, x: torch.Tensor, targets=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Every method's map for a batch, from one forward and one backward pass: (targets (B,), {name: (B, gh * gw)})."""
-    _, attns, grads, targets = clf.attention_gradients(x, targets)
+    """Every method's map for a batch, from one forward pass and a plain and a balanced backward pass:
+    (targets (B,), {name: (B, gh * gw)})."""
+    plain = attribution.trace(clf.model, x, targets, "plain")
+    balanced = attribution.trace(clf.model, x, plain.targets, "balanced")
     grid = (x.shape[-2] // clf.config.patch_size, x.shape[-1] // clf.config.patch_size)
-    rows = clf.readout_rows(attns[0].shape[-1])
+    rows = tuple(clf.readout_rows(plain.attns[0].shape[-1]))
     maps = {}
-    for name, (method, options) in METHODS.items():
-        maps[name] = torch.stack([
-            ex.patch_map(method, [a[i] for a in attns], [g[i] for g in grads], clf.config.num_prefix_tokens, grid, rows, **options).flatten()
-            for i in range(len(x))
-        ])
-    return targets, maps
+    for name in METHODS:
+        t = balanced if ex.METHOD_TABLE[name].gradients == "balanced" else plain
+        out = []
+        for i in range(len(x)):
+            one = t.image(i)
+            out.append(ex.patch_map(name, ex.Evidence(one.attns, clf.config.num_prefix_tokens, rows, one.grads, one.tokens, one.pixels), grid).flatten())
+        maps[name] = torch.stack(out)
+    return plain.targets, maps
 
 
 def score_images(clf: Classifier, crops: torch.Tensor) -> dict[str, dict[str, list[float]]]:
@@ -91,16 +104,24 @@ def score_images(clf: Classifier, crops: torch.Tensor) -> dict[str, dict[str, li
     def predict(b):
         return clf.model(b)
 
-    scores = {name: {"deletion": [], "insertion": []} for name in [*METHODS, "random order"]}
+    scores = {name: {"deletion": [], "insertion": [], "saco": []} for name in [*METHODS, RANDOM]}
     x = clf.preprocessor.normalize(crops)  # (B, 1, 28, 28)
     targets, maps = batch_maps(clf, x)
+    n = grid[0] * grid[1]
     for i in range(len(x)):
         orders = {name: faith.ranking(maps[name][i]) for name in METHODS}
-        orders["random order"] = faith.random_order(grid[0] * grid[1])
-        out, _, _ = faith.deletion_insertion(predict, x[i : i + 1], orders, int(targets[i]), grid, p, batch_size=1024)
-        for name, r in out.items():
-            scores[name]["deletion"].append(r["deletion_auc"])
-            scores[name]["insertion"].append(r["insertion_auc"])
+        randoms = faith.random_orders(n)
+        out, ends, _ = faith.deletion_insertion(predict, x[i : i + 1], {**orders, **randoms}, int(targets[i]), grid, p, batch_size=1024)
+        out[RANDOM] = faith.mean_scores([out[k] for k in randoms])
+        # A random map for SaCo: values in a random order (one of the seeded orders, n for its first patch).
+        rank = torch.empty(n)
+        rank[randoms["random 0"]] = torch.arange(n, 0, -1, dtype=torch.float32)
+        saliency = {**{name: maps[name][i] for name in METHODS}, RANDOM: rank}
+        for name in scores:
+            scores[name]["deletion"].append(out[name]["deletion_auc"])
+            scores[name]["insertion"].append(out[name]["insertion_auc"])
+            value, _ = faith.saco_score(predict, x[i : i + 1], saliency[name], int(targets[i]), grid, p, ends["full"], batch_size=1024)
+            scores[name]["saco"].append(float("nan") if value is None else value)
     return scores
 
 
@@ -125,13 +146,13 @@ def faithfulness_table(count: int, workers: int, chunk: int = 50) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     bounds = [(b, min(b + chunk, count)) for b in range(0, count, chunk)]
-    scores = {name: {"deletion": [], "insertion": []} for name in [*METHODS, "random order"]}
+    scores = {name: {"deletion": [], "insertion": [], "saco": []} for name in [*METHODS, RANDOM]}
     start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")  # no fork after torch has started its thread pools
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=(1,)) as pool:
         for (_, stop), part in zip(bounds, pool.map(_score_chunk, bounds)):
             for name in scores:
-                for curve in ("deletion", "insertion"):
+                for curve in ("deletion", "insertion", "saco"):
                     scores[name][curve] += part[name][curve]
             print(f"faithfulness: {stop}/{count} images, {time.perf_counter() - start:.0f} s", flush=True)
     n = 7 * 7
@@ -190,15 +211,17 @@ def costs(repeats: int) -> dict:
         def forward():
             clf.model(x)
 
-        t = interleaved({
-            "predict": lambda: clf.predict(image, k=5),
-            "relevance": lambda: clf.heatmap(image, "relevance"),
-            "forward": forward,
-            "relevance_passes": lambda: clf.attention_gradients(x),
-        }, repeats)
+        fns = {"predict": lambda: clf.predict(image, k=5), "forward": forward,
+               "relevance_passes": lambda: clf.attention_gradients(x),
+               "balanced_passes": lambda: clf.attention_gradients(x, gradients="balanced")}
+        for method in ex.CLASS_SPECIFIC:
+            fns[method] = lambda method=method: clf.heatmap(image, method)
+        t = interleaved(fns, repeats)
         out[name] = {k: 1000 * statistics.median(v) for k, v in t.items()}
-        out[name]["relevance_over_predict"] = paired_ratio(t["relevance"], t["predict"])
+        for method in ex.CLASS_SPECIFIC:
+            out[name][f"{method}_over_predict"] = paired_ratio(t[method], t["predict"])
         out[name]["passes_over_forward"] = paired_ratio(t["relevance_passes"], t["forward"])
+        out[name]["balanced_passes_over_forward"] = paired_ratio(t["balanced_passes"], t["forward"])
     clf = vit_b16()
     start = time.perf_counter()
     first = clf.faithfulness(photo, "relevance")
@@ -234,15 +257,18 @@ def machine() -> str:
 def summarise_table(table: dict) -> dict:
     """Per-image AUCs -> mean, standard error of the mean, and how often each method beats the random order."""
     scores = table.pop("scores")
-    rnd = {curve: np.asarray(v) for curve, v in scores["random order"].items()}
+    rnd = {curve: np.asarray(v) for curve, v in scores[RANDOM].items()}
     table["methods"] = {}
     for name, s in scores.items():
-        d, i = np.asarray(s["deletion"]), np.asarray(s["insertion"])
+        d, i, c = np.asarray(s["deletion"]), np.asarray(s["insertion"]), np.asarray(s["saco"])
+        c = c[np.isfinite(c)]
         m = {"deletion_mean": d.mean(), "deletion_se": d.std(ddof=1) / np.sqrt(len(d)),
-             "insertion_mean": i.mean(), "insertion_se": i.std(ddof=1) / np.sqrt(len(i))}
-        if name != "random order":
+             "insertion_mean": i.mean(), "insertion_se": i.std(ddof=1) / np.sqrt(len(i)),
+             "saco_mean": c.mean(), "saco_se": c.std(ddof=1) / np.sqrt(len(c)), "saco_undefined": len(d) - len(c)}
+        if name != RANDOM:
             m.update(deletion_beats_random=np.mean(d < rnd["deletion"]), insertion_beats_random=np.mean(i > rnd["insertion"]))
         table["methods"][name] = {k: float(v) for k, v in m.items()}
+    table["random_orders"] = faith.RANDOM_ORDERS
     return table
 
 
@@ -277,14 +303,19 @@ def markdown(r: dict) -> str:
         f"The score is the softmax probability of the model's top class. Patches go most relevant first, one per step "
         f"({t['steps']} steps over {t['patches']} patches); deletion sets them to 0 in normalised space (the mean grey), "
         "insertion puts them back into a Gaussian blur of the crop (sigma one patch). AUC by the trapezoid rule over "
-        "[0, 1]. Lower deletion and higher insertion are better; ± is the standard error of the mean.",
+        "[0, 1]. Lower deletion and higher insertion are better. The random order is the mean, per image, of "
+        f"{t.get('random_orders', 1)} seeded random orders; a map's ties are broken by a seeded shuffle of their own. "
+        f"SaCo (Wu et al. 2024): the patches cut into {faith.SACO_GROUPS} groups in the map's order, each deleted "
+        "alone; 1 when every group with more map weight has the larger effect on the probability, about 0 for a "
+        "random map (the random order's row scores a random map). ± is the standard error of the mean.",
         "",
-        "| patch order | deletion AUC | insertion AUC | images where deletion beats random | images where insertion beats random |",
-        "|---|---:|---:|---:|---:|",
+        "| patch order | deletion AUC ↓ | insertion AUC ↑ | SaCo ↑ | images where deletion beats random | images where insertion beats random |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, m in t["methods"].items():
         beats = f" {m['deletion_beats_random']:.0%} | {m['insertion_beats_random']:.0%} |" if "deletion_beats_random" in m else " | |"
-        lines.append(f"| {name} | {m['deletion_mean']:.3f} ± {m['deletion_se']:.3f} | {m['insertion_mean']:.3f} ± {m['insertion_se']:.3f} |{beats}")
+        saco = f"{m['saco_mean']:.3f} ± {m['saco_se']:.3f}" if "saco_mean" in m else "–"
+        lines.append(f"| {title(name)} | {m['deletion_mean']:.3f} ± {m['deletion_se']:.3f} | {m['insertion_mean']:.3f} ± {m['insertion_se']:.3f} | {saco} |{beats}")
     lines += [
         "",
         "### Sanity: maps of a randomised model (Adebayo et al. 2018)",
@@ -300,7 +331,7 @@ def markdown(r: dict) -> str:
     ]
     for name, m in r["sanity"]["methods"].items():
         note = f" ({m['constant']} constant maps left out)" if m["constant"] else ""
-        lines.append(f"| {name} | {m['mean']:.3f}{note} | {m['median']:.3f} | {m['below_0.5']:.0%} |")
+        lines.append(f"| {title(name)} | {m['mean']:.3f}{note} | {m['median']:.3f} | {m['below_0.5']:.0%} |")
     b, s, f = c["vit_b16"], c["bundled"], c["faithfulness_vit_b16"]
     per_step = "-".join(str(v) for v in f["patches_per_step"])
     ratio = b["relevance_over_predict"]
@@ -313,9 +344,18 @@ def markdown(r: dict) -> str:
         "| measure | ViT-B/16 (random weights) | bundled model |",
         "|---|---:|---:|",
         f"| prediction (`predict`, preprocessing included) | {b['predict']:.1f} ms | {s['predict']:.2f} ms |",
-        f"| relevance map (`heatmap`, preprocessing included) | {b['relevance']:.1f} ms | {s['relevance']:.2f} ms |",
-        f"| relevance map / prediction | {ratio:.2f}x | {s['relevance_over_predict']:.2f}x |",
-        f"| its forward and backward pass / a bare forward pass | {b['passes_over_forward']:.2f}x | {s['passes_over_forward']:.2f}x |",
+    ]
+    for method in ex.CLASS_SPECIFIC:
+        if f"{method}_over_predict" in b:
+            lines.append(f"| `{method}` map (`heatmap`, preprocessing included) / prediction | {b[method]:.1f} ms, "
+                         f"{b[method + '_over_predict']:.2f}x | {s[method]:.2f} ms, {s[method + '_over_predict']:.2f}x |")
+    lines += [
+        f"| a forward and a plain backward pass / a bare forward pass | {b['passes_over_forward']:.2f}x | {s['passes_over_forward']:.2f}x |",
+    ]
+    if "balanced_passes_over_forward" in b:
+        lines.append(f"| a forward and a balanced backward pass / a bare forward pass | {b['balanced_passes_over_forward']:.2f}x | "
+                     f"{s['balanced_passes_over_forward']:.2f}x |")
+    lines += [
         "",
         f"Faithfulness of a ViT-B/16 map at default settings: {f['steps']} steps of {per_step} patches over 196; "
         f"{f['first_passes']} forward passes for the first score of a photo and class (random baseline included, "
@@ -335,13 +375,14 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes for the table (default: %(default)s)")
     p.add_argument("--only", choices=PARTS, action="append", default=None,
                    help="measure only this part (repeatable), keeping the others' last results from the JSON file")
+    p.add_argument("--render", action="store_true", help="only rewrite the section from the JSON figures")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="the file whose section is written (default: %(default)s)")
     args = p.parse_args()
     results = args.out.with_name(args.out.stem + "-faithfulness.json")  # every figure of the section, as measured
-    r = json.loads(results.read_text()) if args.only and results.exists() else {}
+    r = json.loads(results.read_text()) if (args.only or args.render) and results.exists() else {}
     clf = load_classifier(BUNDLED, device="cpu", dtype=torch.float32)
     crops = read_images(args.images)
-    for part in args.only or PARTS:
+    for part in [] if args.render else args.only or PARTS:
         start, cpu = time.perf_counter(), _cpu_seconds()
         if part == "costs":
             r[part] = costs(args.repeats)

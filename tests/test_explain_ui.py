@@ -23,6 +23,8 @@ from conftest import raw_call as call
 from conftest import raw_upload as upload
 from conftest import screenshot as _shot
 from vit_demo import load_classifier
+from vit_demo import faithfulness as faith
+from vit_demo.ui.faith import COMPARED
 from vit_demo.registry import BUNDLED, BUNDLED_NAME, Registry
 
 SNEAKER = str(EXAMPLES / "fashion-mnist-sneaker-9.png")
@@ -176,6 +178,7 @@ FAITH_CASES = {  # method -> (the endpoint's settings, the same settings in the 
     "gradient_rollout": ({"discard_ratio": 0.5}, {"discard_ratio": 0.5}),
     "rollout": ({"head_fusion": "max", "discard_ratio": 0.8}, {"head_fusion": "max", "discard_ratio": 0.8}),
     "attention": ({"layer": 3, "head": "2"}, {"layer": 2, "head": 1}),
+    "libra_fullgrad": ({"target": "Trouser"}, {"target": "Trouser"}),
 }
 
 
@@ -189,7 +192,12 @@ def test_faithfulness_is_the_librarys_score_of_the_same_map(served, bundled, met
     assert got["model"] == BUNDLED_NAME and got["method"] == method
     assert got["target"] == want["target"] == library.get("target", "Sneaker")
     assert got["steps"] == want["steps"] == 49  # one patch per step on a 7x7 grid
-    assert got["forward_passes"] in (3 + 4 * 48, 2 * 48)  # the random baseline is kept per photo and class
+    baseline = 3 + 2 * 48 * faith.RANDOM_ORDERS  # the random baseline is kept per photo and class
+    assert got["forward_passes"] in (baseline + 2 * 48 + faith.SACO_GROUPS, 2 * 48 + faith.SACO_GROUPS)
+    assert abs(got["saco"] - want["saco"]) <= 1e-5
+    assert ("completeness" in got) == (method == "libra_fullgrad")
+    if "completeness" in got:
+        assert got["completeness"] == pytest.approx(want["completeness"], rel=1e-5)
     for key in ("deletion_auc", "insertion_auc"):
         assert 0 <= got[key] <= 1 and 0 <= got["random"][key] <= 1
         assert abs(got[key] - want[key]) <= 1e-5, (key, got[key], want[key])
@@ -347,7 +355,7 @@ def test_choosing_the_second_class_redraws_the_map_and_scores_it(browser, served
         table = page.locator("#compare-table")
         expect(table).to_contain_text("random order", timeout=WAIT_MS)
         expect(table).to_contain_text(f"Scored for the class {second}")
-        expect(page.locator("#compare-maps img")).to_have_count(4, timeout=WAIT_MS)
+        expect(page.locator("#compare-maps img")).to_have_count(len(COMPARED), timeout=WAIT_MS)
         want = bundled.faithfulness(Image.open(SNEAKER), "gradient_rollout", target=second, discard_ratio=0.9)
         expect(table).to_contain_text(f"{want['deletion_auc']:.3f}")
         page.locator("#compare-maps").scroll_into_view_if_needed()

@@ -81,7 +81,8 @@ def test_equal_steps_and_the_default_budget():
     assert faith.default_steps(49) == 49  # the bundled 7x7 model: one patch per step
     assert faith.default_steps(16) == 16
     steps = faith.default_steps(196)  # ViT-B/16
-    assert 3 + 4 * (steps - 1) <= faith.FORWARD_BUDGET < 3 + 4 * steps, "the most steps within the budget"
+    per_step = 2 * (1 + faith.RANDOM_ORDERS)  # both curves, of the map and of each random order
+    assert 3 + per_step * (steps - 1) <= faith.FORWARD_BUDGET < 3 + per_step * steps, "the most steps within the budget"
     counts = faith.patch_counts(196, steps)
     sizes = np.diff(counts)
     assert counts[0] == 0 and counts[-1] == 196 and sizes.max() - sizes.min() <= 1, sizes
@@ -124,6 +125,48 @@ def test_ties_are_not_read_top_left_first():
     assert order[0] == 30 and sorted(order.tolist()) == list(range(49))
     assert order[1:6].tolist() != [0, 1, 2, 3, 4]
     assert torch.equal(order, faith.ranking(flat.view(7, 7))), "the same order every call"
+    # Ties are broken independently of the random baseline: a flat map is none of the baseline's orders.
+    flat_order = faith.ranking(torch.zeros(49))
+    for order in faith.random_orders(49).values():
+        assert not torch.equal(flat_order, order)
+
+
+def test_the_random_baseline_is_the_mean_of_several_seeded_orders():
+    x = toy_input()
+    orders = faith.random_orders(16)
+    assert len(orders) == faith.RANDOM_ORDERS >= 3
+    assert len({tuple(o.tolist()) for o in orders.values()}) == len(orders), "different orders"
+    out, _, _ = faith.deletion_insertion(toy_predict, x, orders, 1, GRID, P)
+    mean = faith.mean_scores(list(out.values()))
+    single = [o["deletion_auc"] for o in out.values()]
+    assert mean["deletion_auc"] == pytest.approx(np.mean(single)) and mean["deletion_auc_sd"] == pytest.approx(np.std(single, ddof=1))
+    assert mean["deletion_auc_sd"] > 0.05, "one order alone is one draw: the orders spread"
+    assert mean["curves"]["deletion"] == pytest.approx(np.mean([o["curves"]["deletion"] for o in out.values()], axis=0).tolist())
+
+
+def test_saco_by_hand():
+    # Wu et al. 2024, algorithm 1: pairs (i, j), i < j; weight s_i - s_j, negated where the effects disagree.
+    # s = [3, 2, 1], effects [.5, .1, .3]: (0,1) agree +1, (0,2) agree +2, (1,2) disagree -1: (1 + 2 - 1) / 4.
+    assert faith.saco([3, 2, 1], [0.5, 0.1, 0.3]) == pytest.approx(0.5)
+    assert faith.saco([3, 2, 1], [0.5, 0.3, 0.1]) == 1.0  # effects in the map's order
+    assert faith.saco([3, 2, 1], [0.1, 0.3, 0.5]) == -1.0  # in the reverse order
+    # Equal effects count as agreeing (pred_i >= pred_j): the weight is added.
+    assert faith.saco([4, 1, 1], [0.2, 0.2, 0.0]) == pytest.approx((3 + 3 + 0) / 6)
+    with pytest.raises(ValueError, match="same"):
+        faith.saco([1, 1, 1], [0.3, 0.2, 0.1])
+
+
+def test_saco_of_the_ideal_map_and_its_reverse():
+    # The toy model reads one patch: deleting the group that holds it is the only effect.
+    x = toy_input()
+    ideal = torch.zeros(16)
+    ideal[LIT] = 1.0
+    ideal[torch.arange(16) != LIT] = torch.linspace(0.5, 0.1, 15)  # distinct values, so the groups are ranked
+    full = toy_predict(x).softmax(-1)[0, 1].item()
+    value, passes = faith.saco_score(toy_predict, x, ideal, 1, GRID, P, full, groups=4)
+    assert passes == 4 and value == 1.0
+    value, _ = faith.saco_score(toy_predict, x, -ideal, 1, GRID, P, full, groups=4)
+    assert value < 0
 
 
 # --- through the Classifier ------------------------------------------------------------------------------------------
@@ -149,8 +192,12 @@ def test_faithfulness_on_the_bundled_model(bundled, shoe):
     r = bundled.faithfulness(shoe, "relevance", progress=lambda done, total: seen.append((done, total)), batch_size=64)
     (label, p), _ = bundled.predict(shoe, k=2)
     assert r["method"] == "relevance" and r["target"] == label and r["target_index"] == bundled.labels.index(label)
-    assert r["steps"] == 49 and r["forward_passes"] == 3 + 4 * 48
-    assert seen[-1] == (195, 195) and [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) == 4
+    passes = 3 + 2 * 48 * (1 + faith.RANDOM_ORDERS)  # the shared ends, then both curves of the map and each random order
+    assert r["steps"] == 49 and r["forward_passes"] == passes + faith.SACO_GROUPS
+    assert seen[-1] == (passes, passes) and [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) == -(-passes // 64)
+    assert -1 <= r["saco"] <= 1
+    # The baseline is the mean of the seeded random orders, with their spread.
+    assert r["random"]["orders"] == faith.RANDOM_ORDERS and r["random"]["deletion_auc_sd"] > 0
     for curves in (r["curves"], r["random"]["curves"]):
         assert len(curves["x"]) == len(curves["deletion"]) == len(curves["insertion"]) == 50
         assert curves["deletion"][0] == curves["insertion"][-1] == pytest.approx(p, abs=1e-5)
@@ -169,14 +216,15 @@ def test_faithfulness_on_the_bundled_model(bundled, shoe):
 
     # Another method on the same photo and class: the random baseline is kept, not recomputed.
     again = bundled.faithfulness(shoe, "rollout", target=label)
-    assert again["forward_passes"] == 2 * 48 and again["random"] == r["random"]
+    assert again["forward_passes"] == 2 * 48 + faith.SACO_GROUPS and again["random"] == r["random"]
     assert again["curves"]["deletion"][0] == r["curves"]["deletion"][0]
     # Another class: its own baseline.
     other = bundled.faithfulness(shoe, "relevance", target=1)
-    assert other["target"] == bundled.labels[1] and other["forward_passes"] == 195
+    assert other["target"] == bundled.labels[1] and other["forward_passes"] == passes + faith.SACO_GROUPS
     # Fewer steps on request.
     few = bundled.faithfulness(shoe, "attention", steps=7, layer=-1)
-    assert few["steps"] == 7 and len(few["curves"]["x"]) == 8 and few["forward_passes"] == 3 + 4 * 6
+    assert few["steps"] == 7 and len(few["curves"]["x"]) == 8
+    assert few["forward_passes"] == 3 + 2 * 6 * (1 + faith.RANDOM_ORDERS) + faith.SACO_GROUPS
     with pytest.raises(ValueError, match="head"):
         bundled.faithfulness(shoe, "heads")
     with pytest.raises(ValueError, match="classes"):
@@ -188,8 +236,8 @@ def test_a_vit_b16_grid_stays_within_the_budget(tmp_path, photo):
     ref = make_transformers(tmp_path / "ckpt", "small", image_size=224, patch_size=16)
     clf = load_classifier(ref.path, device="cpu", dtype=torch.float32)
     first = clf.faithfulness(photo, "relevance")
-    assert first["steps"] == 10 and first["forward_passes"] == 39 <= faith.FORWARD_BUDGET
+    assert first["steps"] == 10 and first["forward_passes"] - faith.SACO_GROUPS == 75 <= faith.FORWARD_BUDGET
     assert len(first["curves"]["x"]) == 11
     assert_close(torch.tensor(np.diff(first["curves"]["x"])), torch.full((10,), 0.1, dtype=torch.float64), 0.006, "equal steps")
     later = clf.faithfulness(photo, "gradient_rollout")
-    assert later["forward_passes"] == 18 and later["random"] == first["random"]
+    assert later["forward_passes"] == 18 + faith.SACO_GROUPS and later["random"] == first["random"]

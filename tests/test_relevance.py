@@ -51,13 +51,18 @@ def fashion_images(n: int) -> list:
 
 
 def transformers_attention_and_grads(model, x, target):
-    """Eager attention with output_attentions=True; gradients of the target logit kept on the probabilities."""
-    out = model(pixel_values=x, output_attentions=True)
+    """Eager attention with output_attentions=True; gradients of the target logit kept on the probabilities.
+
+    Also the read-out rows, found from the reference model itself: the tokens of its last hidden state on which
+    the logit depends (gradient not zero)."""
+    out = model(pixel_values=x, output_attentions=True, output_hidden_states=True)
     attns = list(out.attentions)  # (1, heads, N, N) each, after softmax, as the layers used them
-    for a in attns:
+    last = out.hidden_states[-1]  # (1, N, C): the last block's output, before the final LayerNorm
+    for a in attns + [last]:
         a.retain_grad()
     out.logits[0, target].backward()  # DeiT with teacher: its logits are already the mean of the two heads
-    return out.logits[0].detach(), [a[0].detach() for a in attns], [a.grad[0] for a in attns]
+    rows = last.grad[0].abs().sum(-1).nonzero().flatten().tolist()
+    return out.logits[0].detach(), [a[0].detach() for a in attns], [a.grad[0] for a in attns], rows
 
 
 @pytest.mark.parametrize("distilled", [False, True])
@@ -69,14 +74,15 @@ def test_relevance_equals_the_rule_on_transformers_attention(tmp_path, photo, di
     model = cls.from_pretrained(ref.path, attn_implementation="eager").eval()
     clf = load_classifier(ref.path, device="cpu", dtype=torch.float32)
     x = clf.preprocess(photo)
-    logits, _, _ = transformers_attention_and_grads(model, x, 0)
+    logits, _, _, rows = transformers_attention_and_grads(model, x, 0)
     model.zero_grad()
-    # The class token's row; for distilled DeiT, whose logits average a head on the class token and one on the
-    # distillation token, the mean of both rows.
-    rows, num_prefix = ([0, 1], 2) if distilled else ([0], 1)
+    # The rows of the tokens the reference's head reads, equally weighted (the distilled DeiT's two heads are
+    # averaged): the class token, and the distillation token for distilled DeiT.
+    assert rows == ([0, 1] if distilled else [0])
     top2 = logits.topk(2).indices.tolist()
     for target in top2:
-        _, attns, grads = transformers_attention_and_grads(model, x, target)
+        _, attns, grads, _ = transformers_attention_and_grads(model, x, target)
+        num_prefix = attns[0].shape[-1] - 16  # the tokens before the 4x4 patches
         expected = chefer_float64(attns, grads, rows, num_prefix).view(4, 4)
         ours = clf.heatmap(photo, "relevance", target=target)
         assert ours.shape == (4, 4) and ours.dtype == torch.float32
@@ -104,11 +110,15 @@ def test_relevance_of_an_average_pooled_model_reads_the_patch_rows(tmp_path, pho
     clf = load_classifier(ref.path, device="cpu", dtype=torch.float32)
     assert clf.config.global_pool == "avg"
     x = clf.preprocess(photo)
-    logits = model(x)
+    tokens = model.forward_features(x)  # (1, 17, C): the tokens the head pools
+    tokens.retain_grad()
+    logits = model.forward_head(tokens)
     target = int(logits[0].argmin())  # any class will do: the least likely one
     logits[0, target].backward()
     attns, grads = [a[0].detach() for a in kept], [a.grad[0] for a in kept]
-    expected = chefer_float64(attns, grads, list(range(1, 17)), 1).view(4, 4)  # the mean of the 16 patch rows
+    rows = tokens.grad[0].abs().sum(-1).nonzero().flatten().tolist()  # the tokens timm's head reads
+    assert rows == list(range(1, 17)), rows
+    expected = chefer_float64(attns, grads, rows, 1).view(4, 4)  # the mean of those rows
     diff = assert_close(clf.heatmap(photo, "relevance", target=target), expected, 1e-5, "relevance, average pooling")
     assert diff <= 1e-4 * (expected.max() - expected.min()).item()
 
@@ -174,7 +184,7 @@ def test_gradient_rollout_discards_like_rollout():
 
 def test_class_specific_methods_need_gradients():
     with pytest.raises(ValueError, match="gradients"):
-        ex.patch_map("relevance", [A1[None]])
+        ex.patch_map("relevance", ex.Evidence([A1[None]]))
 
 
 # --- through the Classifier, on the bundled model --------------------------------------------------------------------
@@ -207,7 +217,7 @@ def test_maps_change_when_the_weights_are_randomised(bundled):
     torch.manual_seed(0)
     randomised.model.load_state_dict(VisionTransformer(randomised.config).state_dict())  # a freshly initialised ViT
     images = fashion_images(20)
-    for method in ("relevance", "gradient_rollout"):
+    for method in ex.CLASS_SPECIFIC:
         rhos = []
         for image in images:
             target = bundled.predict(image, k=1)[0][0]  # the trained model's class, asked of both
@@ -251,10 +261,12 @@ def test_gradients_leave_nothing_behind_and_work_under_inference_mode(bundled):
 
 
 def test_gradients_are_kept_per_key_and_class(bundled, monkeypatch):
+    from vit_demo import attribution
+
     image = fashion_images(2)[1]
     calls = []
-    passes = bundled.attention_gradients
-    monkeypatch.setattr(bundled, "attention_gradients", lambda *a, **k: calls.append(1) or passes(*a, **k))
+    passes = attribution.trace
+    monkeypatch.setattr(attribution, "trace", lambda *a, **k: (calls.append(1) if a[3:] or k.get("gradients") else None) or passes(*a, **k))
     crop, attns, logits = bundled.attention(image, key="photo-1")
     top = int(logits.argmax())
     a = bundled.heatmap(image, "relevance", key="photo-1")
@@ -266,6 +278,11 @@ def test_gradients_are_kept_per_key_and_class(bundled, monkeypatch):
     assert len(calls) == 3
     assert bundled.attention(image, key="photo-1")[1] is attns, "the attention memo is kept"
     assert b.shape == (7, 7)
+    # The balanced methods share one balanced pass of their own.
+    bundled.heatmap(image, "libra_fullgrad", key="photo-1")
+    bundled.heatmap(image, "input_x_gradient", key="photo-1")
+    bundled.heatmap(image, "balanced_relevance", key="photo-1")
+    assert len(calls) == 4
 
 
 def test_bfloat16_model_gives_float32_gradients(bundled):
@@ -285,3 +302,30 @@ def test_a_batch_gives_each_image_its_own_gradients(bundled):
     for i, im in enumerate(images):
         _, a1, g1, _ = bundled.attention_gradients(bundled.preprocess(im), [targets[i].item()])
         assert_close(grads[-1][i], g1[-1][0], 1e-6, f"image {i} alone vs in the batch")
+
+
+def test_every_map_of_an_average_pooled_model_reads_the_pooled_rows(tmp_path, photo):
+    """Attention and rollout, like relevance, read the rows of the tokens the head reads: for average pooling the
+    patch tokens, found here from timm's own model, not the class token (whose last state the logits ignore)."""
+    ref = make_timm(tmp_path / "ckpt", "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, global_pool="avg", num_classes=10)
+    model = ref.model
+    kept = []
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(lambda m, i, out: kept.append(out.detach()[0]))
+    clf = load_classifier(ref.path, device="cpu", dtype=torch.float32)
+    x = clf.preprocess(photo).requires_grad_(False)
+    tokens = model.forward_features(x)
+    tokens.retain_grad()
+    model.forward_head(tokens).sum().backward()
+    rows = tokens.grad[0].abs().sum(-1).nonzero().flatten().tolist()  # the tokens timm's head reads
+    assert clf.model.readout_tokens(17) == rows == list(range(1, 17))
+    last = kept[-1].mean(0).double()  # (17, 17): the last layer, mean of heads
+    expected = last[rows].mean(0)[1:].view(4, 4)
+    assert_close(clf.heatmap(photo, "attention"), expected, 1e-6, "attention, average pooling")
+    R = torch.eye(17, dtype=torch.float64)
+    for a in kept:
+        a = a.mean(0).double() + torch.eye(17, dtype=torch.float64)
+        R = (a / a.sum(-1, keepdim=True)) @ R
+    assert_close(clf.heatmap(photo, "rollout", discard_ratio=0.0), R[rows].mean(0)[1:].view(4, 4), 1e-6, "rollout, average pooling")
+    assert (R[0, 1:] - R[rows].mean(0)[1:]).abs().max() > 1e-3, "the class token's row would differ"

@@ -13,43 +13,32 @@ Methods:
     "relevance"         gradient-weighted relevance (Chefer, Gur & Wolf 2021, ICCV): specific to a class.
     "gradient_rollout"  rollout of gradient-weighted attention, as in jacobgil/vit-explain, with its bugs
                         fixed (each gradient paired with its own layer; rows renormalised): specific to a class.
-The first three do not depend on the class; the last two do.
+    "balanced_relevance" relevance from balanced gradients (Mehri et al. 2025, "LibraGrad").
+    "libra_fullgrad"    FullGrad+ under balanced gradients: input x gradient of the embedded tokens plus gradient x
+                        value of every bias, per token. With the class-token part and the head's bias it adds up to
+                        the logit.
+    "input_x_gradient"  the pixels times their balanced gradient, summed per patch.
+The first three do not depend on the class; the others do. Each method is one entry of METHOD_TABLE, which says
+what it is made from (attention only, or plain or balanced gradients), the options it reads, and its sentence.
+
+The read-out rows: attention, rollout and relevance read the rows of the tokens whose final state the head reads
+(`VisionTransformer.readout_tokens`: the class token, the class and distillation tokens of distilled DeiT, the
+patch tokens of an average-pooled model), averaged.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-METHODS = ("rollout", "attention", "heads", "relevance", "gradient_rollout")
-CLASS_SPECIFIC = ("relevance", "gradient_rollout")
 HEAD_FUSIONS = ("mean", "max", "min")
 DEFAULT_DISCARD_RATIO = 0.9  # for drawing: dropping the weakest 90% of attention gives crisper rollout maps
-
-# One sentence per method, for the page and the command line.
-DESCRIPTIONS = {
-    "rollout": "Attention rollout: how much each patch flows into the class token through all layers "
-    "(the same for every class).",
-    "attention": "How strongly the class token attends to each patch in one layer (the same for every class).",
-    "heads": "The class token's attention in one layer, one panel per head (the same for every class).",
-    "relevance": "Which patches raise the chosen class's score, from attention weighted by its gradients "
-    "(Chefer et al. 2021).",
-    "gradient_rollout": "Rollout of attention weighted by the chosen class's gradients (as in vit-explain, "
-    "with its layer pairing and row normalisation fixed).",
-}
-
-# The options each method reads; the others are ignored, so one set of controls serves every method.
-OPTIONS = {
-    "rollout": ("head_fusion", "discard_ratio"),
-    "attention": ("layer", "head"),
-    "heads": ("layer",),
-    "relevance": (),
-    "gradient_rollout": ("discard_ratio",),
-}
 
 # The "inferno" colormap at five stops (dark purple -> yellow), interpolated linearly.
 _INFERNO = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
@@ -92,17 +81,24 @@ def to_grid(weights: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return weights.reshape(*weights.shape[:-1], gh, gw)
 
 
-def readout_rows(num_tokens: int, num_prefix: int = 1, global_pool: str = "token") -> list[int]:
-    """The tokens whose final state the classifier reads; relevance and gradient rollout read their rows.
+@dataclass
+class Evidence:
+    """What the maps of one image are made from.
 
-    - A class-token model reads token 0: its row.
-    - A distilled DeiT (num_prefix 2) averages the logits of a head on the class token and a head on the
-      distillation token: the map is the mean of rows 0 and 1, each token weighted as the logits weigh it.
-    - An average-pooled model reads the mean of the patch tokens: the map is the mean of the patch rows.
+    attns: per-layer attention probabilities, each (heads, N, N), N = num_prefix + patches.
+    num_prefix: prefix tokens before the patches.
+    rows: the read-out tokens (`VisionTransformer.readout_tokens`), whose rows the maps average.
+    grads: the target logit's gradients with respect to attns (same shapes), plain or balanced as the method needs.
+    tokens: (N,) the balanced input x gradient of the embedded tokens plus each token's bias x gradient.
+    pixels: (patches,) the pixels times their balanced gradient, summed per patch.
     """
-    if global_pool == "avg":
-        return list(range(num_prefix, num_tokens))
-    return [0, 1] if num_prefix == 2 else [0]
+
+    attns: list
+    num_prefix: int = 1
+    rows: tuple = (0,)
+    grads: list | None = None
+    tokens: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
 
 
 # --- class-agnostic maps ----------------------------------------------------------------------------------------
@@ -119,25 +115,27 @@ def fuse_heads(attn: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
     raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, not {head_fusion!r}")
 
 
-def cls_attention(attns: list[torch.Tensor], num_prefix: int = 1, layer: int = -1, head: int | None = None) -> torch.Tensor:
-    """How much the class token attends to each patch in one layer.
+def cls_attention(attns: list[torch.Tensor], num_prefix: int = 1, layer: int = -1, head: int | None = None,
+                  rows: list[int] | tuple[int, ...] = (0,)) -> torch.Tensor:
+    """How much the read-out tokens (the class token, by default) attend to each patch in one layer.
 
     Args:
         attns: per-layer attention, each (heads, N, N).
         num_prefix: prefix tokens before the patches (1, or 2 for distilled DeiT).
         layer: which layer, counted from 0 (negative counts from the end).
         head: one head, counted from 0, or None for the mean of all heads.
+        rows: the read-out tokens, whose rows are averaged.
     Returns:
         (N - num_prefix,) weights over the patches, in row-major patch order.
     """
     a = attns[layer]  # (heads, N, N)
     a = a.mean(0) if head is None else a[head]  # (N, N)
-    return a[0, num_prefix:]
+    return a[list(rows)].mean(0)[num_prefix:]
 
 
-def all_heads(attns: list[torch.Tensor], num_prefix: int = 1, layer: int = -1) -> torch.Tensor:
-    """(heads, N - num_prefix): the class token's attention to the patches, for every head of one layer."""
-    return attns[layer][:, 0, num_prefix:]
+def all_heads(attns: list[torch.Tensor], num_prefix: int = 1, layer: int = -1, rows: list[int] | tuple[int, ...] = (0,)) -> torch.Tensor:
+    """(heads, N - num_prefix): the read-out tokens' attention to the patches, for every head of one layer."""
+    return attns[layer][:, list(rows)].mean(1)[:, num_prefix:]
 
 
 def _discard_weakest(a: torch.Tensor, discard_ratio: float) -> torch.Tensor:
@@ -166,19 +164,21 @@ def _roll(layers: list[torch.Tensor]) -> torch.Tensor:
 
 
 def rollout(
-    attns: list[torch.Tensor], num_prefix: int = 1, head_fusion: str = "mean", discard_ratio: float = 0.0
+    attns: list[torch.Tensor], num_prefix: int = 1, head_fusion: str = "mean", discard_ratio: float = 0.0,
+    rows: list[int] | tuple[int, ...] = (0,),
 ) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema 2020): attention propagated through the layers.
 
     Each layer's heads are fused, the weakest `discard_ratio` of its entries are set to zero (keeping the
     class token's attention to itself), the identity is added for the residual connection and the rows are
-    renormalised; the product over layers says how much each input token flows into the class token.
+    renormalised; the product over layers says how much each input token flows into the read-out tokens (the
+    class token by default; `rows` averages several).
 
     Returns:
         (N - num_prefix,) weights over the patches.
     """
     fused = [_discard_weakest(fuse_heads(a.float(), head_fusion), discard_ratio) for a in attns]
-    return _roll(fused)[0, num_prefix:]
+    return _roll(fused)[list(rows)].mean(0)[num_prefix:]
 
 
 # --- class-specific maps ----------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def relevance(
         grads: per-layer gradients of the target class's logit (before softmax) with respect to them, same
             shapes and order: grads[i] belongs to attns[i].
         num_prefix: prefix tokens before the patches.
-        rows: the read-out tokens, whose rows are averaged (see `readout_rows`).
+        rows: the read-out tokens, whose rows are averaged (see `VisionTransformer.readout_tokens`).
     Returns:
         (N - num_prefix,) relevance of each patch.
     """
@@ -238,7 +238,7 @@ def gradient_rollout(
         attns, grads: as for `relevance`.
         num_prefix: prefix tokens before the patches.
         discard_ratio: the share of weakest entries dropped per layer, in [0, 1).
-        rows: the read-out tokens, whose rows are averaged (see `readout_rows`).
+        rows: the read-out tokens, whose rows are averaged (see `VisionTransformer.readout_tokens`).
     Returns:
         (N - num_prefix,) weights over the patches.
     """
@@ -247,50 +247,137 @@ def gradient_rollout(
     return _roll(weighted)[list(rows)].mean(0)[num_prefix:]
 
 
-def patch_map(
-    method: str,
-    attns: list[torch.Tensor],
-    grads: list[torch.Tensor] | None = None,
-    num_prefix: int = 1,
-    grid: tuple[int, int] | None = None,
-    rows: list[int] | tuple[int, ...] = (0,),
-    layer: int = -1,
-    head: int | None = None,
-    head_fusion: str = "mean",
-    discard_ratio: float = DEFAULT_DISCARD_RATIO,
-) -> torch.Tensor:
+def libra_fullgrad(tokens: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+    """FullGrad+ under balanced gradients, per patch: the embedded patch token's input x gradient plus the
+    gradient x value of every bias added at that token, in every block (see `vit_demo.attribution`).
+
+    Args:
+        tokens: (N,) each token's share of the target logit, prefix tokens first.
+    Returns:
+        (N - num_prefix,) the patches' shares. The prefix tokens' shares and the head's bias make up the rest of
+        the logit (`completeness`).
+    """
+    return tokens[num_prefix:].float()
+
+
+# --- the methods, one entry each --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """One explanation method: what it is made from, the options it reads, how it is named and drawn."""
+
+    label: str  # its name on the page
+    note: str  # one sentence, for the page and the command line
+    make: Callable[..., torch.Tensor]  # (Evidence, **options) -> (patches,) or (heads, patches)
+    options: tuple[str, ...] = ()  # the options it reads; the others are ignored
+    gradients: str | None = None  # None (attention only), "plain" or "balanced": the backward pass it needs
+    panels: bool = False  # draws one map per head (scored one head at a time, with "attention")
+    complete: bool = False  # its parts add up to the logit: the page shows the share it accounts for
+
+
+METHOD_TABLE: dict[str, Method] = {
+    "rollout": Method(
+        "Attention rollout",
+        "Attention rollout: how much each patch flows into the class token through all layers (the same for every class).",
+        lambda ev, head_fusion="mean", discard_ratio=DEFAULT_DISCARD_RATIO: rollout(ev.attns, ev.num_prefix, head_fusion, discard_ratio, ev.rows),
+        ("head_fusion", "discard_ratio"),
+    ),
+    "attention": Method(
+        "Class-token attention (one layer)",
+        "How strongly the class token attends to each patch in one layer (the same for every class).",
+        lambda ev, layer=-1, head=None: cls_attention(ev.attns, ev.num_prefix, layer, head, ev.rows),
+        ("layer", "head"),
+    ),
+    "heads": Method(
+        "All heads of one layer",
+        "The class token's attention in one layer, one panel per head (the same for every class).",
+        lambda ev, layer=-1: all_heads(ev.attns, ev.num_prefix, layer, ev.rows),
+        ("layer",), panels=True,
+    ),
+    "relevance": Method(
+        "Relevance (Chefer et al. 2021): why this class",
+        "Which patches raise the chosen class's score, from attention weighted by its gradients (Chefer et al. 2021).",
+        lambda ev: relevance(ev.attns, ev.grads, ev.num_prefix, ev.rows),
+        gradients="plain",
+    ),
+    "balanced_relevance": Method(
+        "Relevance, balanced gradients (LibraGrad)",
+        "Relevance (Chefer et al. 2021) from balanced gradients, which pass LayerNorm, softmax and GELU as "
+        "constants and so follow the values the model adds up (Mehri et al. 2025).",
+        lambda ev: relevance(ev.attns, ev.grads, ev.num_prefix, ev.rows),
+        gradients="balanced",
+    ),
+    "libra_fullgrad": Method(
+        "Libra FullGrad+: shares of the logit",
+        "Each patch's share of the chosen class's score: input times balanced gradient plus every bias's part "
+        "(Mehri et al. 2025); with the class token's share and the head's bias it adds up to the score.",
+        lambda ev: libra_fullgrad(ev.tokens, ev.num_prefix),
+        gradients="balanced", complete=True,
+    ),
+    "input_x_gradient": Method(
+        "Input × balanced gradient",
+        "The pixels times the chosen class's balanced gradient, summed per patch: the simplest map of the family.",
+        lambda ev: ev.pixels.float(),
+        gradients="balanced",
+    ),
+    "gradient_rollout": Method(
+        "Gradient-weighted rollout",
+        "Rollout of attention weighted by the chosen class's gradients (as in vit-explain, with its layer pairing "
+        "and row normalisation fixed).",
+        lambda ev, discard_ratio=DEFAULT_DISCARD_RATIO: gradient_rollout(ev.attns, ev.grads, ev.num_prefix, discard_ratio, ev.rows),
+        ("discard_ratio",), gradients="plain",
+    ),
+}
+
+# Views of the table, for callers that need one aspect.
+METHODS = tuple(METHOD_TABLE)
+CLASS_SPECIFIC = tuple(name for name, m in METHOD_TABLE.items() if m.gradients)
+DESCRIPTIONS = {name: m.note for name, m in METHOD_TABLE.items()}
+OPTIONS = {name: m.options for name, m in METHOD_TABLE.items()}
+
+
+def method(name: str) -> Method:
+    """The table entry of `name`.
+
+    Raises:
+        ValueError: not a method; the message lists them.
+    """
+    if name not in METHOD_TABLE:
+        raise ValueError(f"'{name}' is not a method: use one of {', '.join(METHODS)}.")
+    return METHOD_TABLE[name]
+
+
+def patch_map(name: str, evidence: Evidence, grid: tuple[int, int] | None = None, **options) -> torch.Tensor:
     """One method's raw map over the patch grid, before colouring.
 
     Args:
-        method: one of METHODS.
-        attns: per-layer attention, each (heads, N, N).
-        grads: the target logit's gradients with respect to attns (needed by CLASS_SPECIFIC methods).
-        num_prefix: prefix tokens before the patches.
+        name: one of METHODS.
+        evidence: what the map is made from; a method with gradients needs them in it.
         grid: (gh, gw); by default a square grid.
-        rows: read-out tokens for the class-specific methods (see `readout_rows`).
-        layer, head: for "attention" and "heads" (counted from 0).
-        head_fusion, discard_ratio: for "rollout"; discard_ratio for "gradient_rollout" too.
+        options: the options the method reads (METHOD_TABLE[name].options); layer and head count from 0.
     Returns:
-        (gh, gw), or (heads, gh, gw) for "heads".
+        (gh, gw), or (heads, gh, gw) for a method with panels.
     """
+    m = method(name)
+    if m.gradients and evidence.grads is None and evidence.tokens is None:
+        raise ValueError(f"{name} needs the gradients of the target class: compute them with Classifier.heatmap.")
     if grid is None:
-        side = math.isqrt(attns[0].shape[-1] - num_prefix)
+        side = math.isqrt(evidence.attns[0].shape[-1] - evidence.num_prefix)
         grid = (side, side)
-    if method in CLASS_SPECIFIC and grads is None:
-        raise ValueError(f"{method} needs the gradients of the target class: compute them with Classifier.heatmap.")
-    if method == "rollout":
-        weights = rollout(attns, num_prefix, head_fusion, discard_ratio)
-    elif method == "attention":
-        weights = cls_attention(attns, num_prefix, layer, head)
-    elif method == "heads":
-        weights = all_heads(attns, num_prefix, layer)
-    elif method == "relevance":
-        weights = relevance(attns, grads, num_prefix, rows)
-    elif method == "gradient_rollout":
-        weights = gradient_rollout(attns, grads, num_prefix, discard_ratio, rows)
-    else:
-        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    weights = m.make(evidence, **{k: v for k, v in options.items() if k in m.options})
     return to_grid(weights.float(), grid)
+
+
+def completeness(tokens: torch.Tensor, rest: float, logit: float, num_prefix: int = 1) -> dict:
+    """How a complete map's parts add up: {"logit", "patches", "prefix", "bias", "share"}.
+
+    `patches` is the map's sum, `prefix` the prefix tokens' part, `bias` what the head adds on no token; `share` is
+    patches / logit, the share of the target logit the drawn map accounts for.
+    """
+    patches, prefix = float(tokens[num_prefix:].sum()), float(tokens[:num_prefix].sum())
+    return {"logit": float(logit), "patches": patches, "prefix": prefix, "bias": float(rest),
+            "share": patches / logit if logit else float("nan")}
 
 
 # --- drawing --------------------------------------------------------------------------------------------------
@@ -363,7 +450,8 @@ def render(
     grid: tuple[int, int] | None = None,
     rows: list[int] | tuple[int, ...] = (0,),
 ) -> Image.Image:
-    """One explanation, drawn over the crop (see `patch_map` for the methods and their options).
+    """One explanation from attention (and plain gradients), drawn over the crop (see `patch_map` for the methods
+    and their options).
 
     `grid` is the model's patch grid; by default it is the one the crop's size and the patch count imply
     (`infer_grid`), which also holds for a crop enlarged by a whole factor.
@@ -371,5 +459,6 @@ def render(
     if grid is None:
         _, H, W = crop.shape
         grid = infer_grid(attns[0].shape[-1] - num_prefix, H, W)
-    m = patch_map(method, attns, grads, num_prefix, grid, rows, layer, head, head_fusion, discard_ratio)
+    evidence = Evidence(attns, num_prefix, tuple(rows), grads)
+    m = patch_map(method, evidence, grid, layer=layer, head=head, head_fusion=head_fusion, discard_ratio=discard_ratio)
     return draw(crop, m, alpha)

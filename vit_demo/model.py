@@ -12,6 +12,8 @@ other format is converted into them by `vit_demo.convert`. This file does no I/O
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 
@@ -58,6 +60,80 @@ class ViTConfig:
         return self.img_size // self.patch_size
 
 
+# --- balanced gradients (Mehri et al. 2025, "LibraGrad") --------------------------------------------------------
+# A forward mode for explanations. The values are the usual ones, to the bit; only the backward pass changes:
+# LayerNorm divides by its standard deviation as a constant, the softmax weights are constants (relevance flows
+# through the values only), and GELU's gate u -> GELU(u)/u is a constant. The network is then linear in its input
+# and its biases together, so input x gradient plus bias x gradient adds up to the logit. Off unless explanation
+# code turns it on with `balanced_gradients()`; per thread (a context variable), so a concurrent plain pass is
+# untouched.
+_BALANCED: contextvars.ContextVar = contextvars.ContextVar("balanced_gradients", default=None)
+
+
+@contextlib.contextmanager
+def balanced_gradients(taps: list | None = None):
+    """Runs the forward passes inside it in balanced-gradient mode.
+
+    Args:
+        taps: if a list, each block's input and each per-token bias are recorded in it as (probe, value): `probe`
+            is a zero tensor added to the activation (so the value is unchanged) whose gradient is the gradient
+            there, `value` the block input or the bias (broadcast over tokens). Needs autograd on.
+    """
+    token = _BALANCED.set(() if taps is None else taps)
+    try:
+        yield taps
+    finally:
+        _BALANCED.reset(token)
+
+
+def _swap_backward(value: torch.Tensor, backward: torch.Tensor) -> torch.Tensor:
+    """`value` in the forward pass (exactly: value + 0), `backward`'s gradient in the backward pass."""
+    return value.detach() + (backward - backward.detach())
+
+
+def _tap(x: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+    """In balanced mode with taps, records x's gradient point; `value` defaults to x itself (a block input)."""
+    taps = _BALANCED.get()
+    if not isinstance(taps, list) or not torch.is_grad_enabled():
+        return x
+    probe = torch.zeros_like(x, requires_grad=True)
+    taps.append((probe, x.detach() if value is None else value.detach()))
+    return x + probe
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm; with balanced gradients, the standard deviation is a constant to the gradient."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if _BALANCED.get() is None or not torch.is_grad_enabled():
+            return y
+        mean = x.mean(-1, keepdim=True)
+        sd = ((x - mean).pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        z = (x - mean) / sd.detach() * self.weight + self.bias
+        return _tap(_swap_backward(y, z), self.bias)
+
+
+class GELU(nn.GELU):
+    """nn.GELU; with balanced gradients, u * gate(u) with the gate gate(u) = GELU(u)/u a constant."""
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        y = super().forward(u)
+        if _BALANCED.get() is None or not torch.is_grad_enabled():
+            return y
+        if self.approximate == "tanh":
+            gate = 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u.pow(3))))
+        else:
+            gate = 0.5 * (1 + torch.erf(u / math.sqrt(2)))  # GELU(u)/u is the normal CDF
+        return _swap_backward(y, u * gate.detach())
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), its bias recorded as a per-token tap in balanced mode."""
+    y = layer(x)
+    return y if layer.bias is None else _tap(y, layer.bias)
+
+
 class PatchEmbed(nn.Module):
     """Cuts the image into non-overlapping patches and projects each to a token (a strided conv)."""
 
@@ -82,29 +158,34 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, return_attn: bool = False):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, head_dim)
+        qkv = _linear(self.qkv, x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+        balanced = _BALANCED.get() is not None and torch.is_grad_enabled()
         if return_attn:
             # The explicit path: the same math, with the probabilities kept for explanations.
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
             attn = attn.float().softmax(dim=-1)  # float32 even in a bfloat16 model, so the maps stay exact
+            if balanced:  # the weights are constants: a leaf of their own, so their gradient can still be read
+                attn = attn.detach().requires_grad_(True)
             x = attn.to(v.dtype) @ v  # (B, heads, N, head_dim)
         else:
             attn = None
+            if balanced:
+                q, k = q.detach(), k.detach()
             x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
-        return self.proj(x), attn
+        return _linear(self.proj, x), attn
 
 
 class Mlp(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_dim)
-        self.act = nn.GELU(approximate=cfg.gelu_approximate)
+        self.act = GELU(approximate=cfg.gelu_approximate)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return _linear(self.fc2, self.act(_linear(self.fc1, x)))
 
 
 class Block(nn.Module):
@@ -112,12 +193,13 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.norm1 = LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.attn = Attention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.norm2 = LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg)
 
     def forward(self, x: torch.Tensor, return_attn: bool = False):
+        x = _tap(x)  # the block's input, for input x gradient in balanced mode
         y, attn = self.attn(self.norm1(x), return_attn)
         x = x + y
         x = x + self.mlp(self.norm2(x))
@@ -158,11 +240,23 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         # timm's naming: the final LayerNorm is `norm` for token pooling and `fc_norm` after avg pooling.
         avg = cfg.global_pool == "avg"
-        self.norm = nn.Identity() if avg else nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.fc_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps) if avg else nn.Identity()
+        self.norm = nn.Identity() if avg else LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.fc_norm = LayerNorm(D, eps=cfg.layer_norm_eps) if avg else nn.Identity()
         self.head = nn.Linear(D, cfg.num_classes)
         self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.distilled else None
         self.init_weights()
+
+    def readout_tokens(self, num_tokens: int) -> list[int]:
+        """The tokens whose final states the head reads, for an input of `num_tokens` tokens (prefix included).
+
+        - A class-token model reads token 0.
+        - A distilled DeiT averages a head on the class token and a head on the distillation token: 0 and 1.
+        - An average-pooled model reads the mean of the patch tokens.
+        Maps of the class-agnostic and class-specific methods alike average these tokens' rows.
+        """
+        if self.cfg.global_pool == "avg":
+            return list(range(self.cfg.num_prefix_tokens, num_tokens))
+        return [0, 1] if self.cfg.distilled else [0]
 
     def init_weights(self) -> None:
         """ViT's initialisation: truncated normal (std 0.02) for tokens, embeddings and linears."""

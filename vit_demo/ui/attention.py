@@ -7,8 +7,8 @@ method's controls show. The class to explain is one of the photo's top classes (
 picked); it steers the class-specific methods, and the others say that they are the same for every class.
 Under the map, its faithfulness is scored on request (`faith.py`), and every method can be compared.
 
-To offer another method of `vit_demo.explain`, add it to METHOD_CHOICES; the options it reads (explain.OPTIONS)
-name the controls it shows, and explain.DESCRIPTIONS gives its sentence. A new option needs a control in
+To offer another method, add its entry to `vit_demo.explain.METHOD_TABLE`: its label, sentence and options (which
+name the controls it shows) come from there. A new option needs a control in
 `build` under the same name, and a check in `maps.map_options`.
 """
 
@@ -19,26 +19,20 @@ import torch
 from PIL import Image
 
 from ..classifier import Classifier
-from ..explain import CLASS_SPECIFIC, DEFAULT_DISCARD_RATIO, DESCRIPTIONS, HEAD_FUSIONS, METHODS, OPTIONS
+from ..explain import CLASS_SPECIFIC, DEFAULT_DISCARD_RATIO, DESCRIPTIONS, HEAD_FUSIONS, METHOD_TABLE, METHODS, OPTIONS
 from . import checks, fair, faith, figures
 from .classify import percent
 from .common import DAMAGED, Shared, gpu, probabilities, relay
 from .guard import ResultImage, photo_crop
 from .maps import attending, parse, target_value
 
-# The methods the page offers, in order: (label on the page, method of vit_demo.explain).
-METHOD_CHOICES = [
-    ("Attention rollout", "rollout"),
-    ("Class-token attention (one layer)", "attention"),
-    ("All heads of one layer", "heads"),
-    ("Relevance (Chefer et al. 2021): why this class", "relevance"),
-    ("Gradient-weighted rollout", "gradient_rollout"),
-]
+# The methods the page offers, in the table's order: (label on the page, method of vit_demo.explain).
+METHOD_CHOICES = [(m.label, name) for name, m in METHOD_TABLE.items()]
 ALWAYS_SHOWN = ("alpha",)  # controls every method uses
 TOP_CLASSES = 5  # the classes offered to explain
 TARGET_INFO = {
     True: "The map answers: why this class? Pick another of the top classes to see what speaks for it.",
-    False: "This method's map is the same for every class: pick Relevance or Gradient-weighted rollout to explain one.",
+    False: "This method's map is the same for every class: pick a method that explains a class, such as Relevance or Libra FullGrad+.",
 }
 
 
@@ -129,14 +123,14 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
 
         Args:
             image: the photo, as a data URL ("data:image/jpeg;base64,..."; JPEG, PNG, WebP, BMP, GIF or TIFF; at most 20 MB, 40 megapixels).
-            method: rollout (attention through all layers), attention (one layer), heads (a grid of one layer's heads), relevance or gradient_rollout (why `target`).
+            method: rollout (attention through all layers), attention (one layer), heads (a grid of one layer's heads); why `target`: relevance, balanced_relevance, libra_fullgrad, input_x_gradient or gradient_rollout.
             model: which model answers, one of the names listed for this argument (default: the app's default model).
             layer: attention, heads: which layer, a whole number from 1 to the model's depth (default: the last layer of the model named).
             head: attention: "mean" for the mean of all heads (the default), or one head's number from 1 ("3").
             head_fusion: rollout: how each layer's heads are combined, mean, max or min.
             discard_ratio: rollout, gradient_rollout: share of each layer's weakest attention dropped, from 0 to 0.99.
             alpha: opacity of the map over the crop, from 0 (the crop alone) to 1 (the map alone).
-            target: relevance, gradient_rollout: the class to explain, a label as classify names it; empty for the top class.
+            target: the class-specific methods: the class to explain, a label as classify names it; empty for the top class.
         Returns:
             The heatmap over the crop, a PNG image.
         """

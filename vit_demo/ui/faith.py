@@ -20,20 +20,15 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from ..explain import DEFAULT_DISCARD_RATIO
+from ..explain import DEFAULT_DISCARD_RATIO, METHOD_TABLE
 from . import checks, fair, figures
 from .classify import percent
 from .common import DAMAGED, Shared, gpu, relay
 from .guard import photo_crop
 from .maps import MapRequest, attending, parse
 
-# The methods the comparison draws, with the names of its tiles ("heads" draws several maps: left out).
-COMPARED = {
-    "rollout": "Attention rollout",
-    "attention": "Class-token attention",
-    "relevance": "Relevance",
-    "gradient_rollout": "Gradient-weighted rollout",
-}
+# The methods the comparison draws, with the names of its tiles: every method of the table that draws one map.
+COMPARED = {name: m.label.split(":")[0].split(" (one layer)")[0] for name, m in METHOD_TABLE.items() if not m.panels}
 HEADS = ("Faithfulness scores one map, and this method draws one per head: pick 'Class-token attention (one layer)' "
          "and a head to score one.")
 CURVES = {  # curve -> colour: this map's in strong colours, the random order's in pale ones
@@ -86,9 +81,19 @@ def score(req: MapRequest, progress=None) -> dict:
 
 def public(result: dict, model: str) -> dict:
     """What `/faithfulness` returns: the Classifier's answer and the model's display name."""
-    keep = ("method", "target", "target_index", "probability", "deletion_auc", "insertion_auc", "curves", "random",
-            "steps", "forward_passes")
-    return {"model": model, **{k: result[k] for k in keep}}
+    keep = ("method", "target", "target_index", "probability", "deletion_auc", "insertion_auc", "saco", "curves", "random",
+            "steps", "forward_passes", "completeness")
+    return {"model": model, **{k: result[k] for k in keep if k in result}}
+
+
+def completeness_html(result: dict) -> str:
+    """For a complete map: the share of the class's score (its logit) that the drawn patches account for."""
+    c = result.get("completeness")
+    if c is None:
+        return ""
+    return (f"<p><b>The patches account for {c['share']:.0%} of the score</b> (logit {c['logit']:.3f}): patches "
+            f"{c['patches']:.3f}, class token {c['prefix']:.3f}, the head's bias {c['bias']:.3f}; they add up to "
+            "the logit.</p>")
 
 
 def verdict(result: dict) -> str:
@@ -114,6 +119,10 @@ def scores_html(result: dict) -> str:
         f"{target} has {percent(result['probability'])} on the whole crop.</small></p>"
         f'<div class="legend">{legend}</div>'
     )
+
+
+def saco_text(value: float | None) -> str:
+    return "undefined (the map ranks nothing)" if value is None else f"{value:.3f}"
 
 
 def curves(result: dict) -> pd.DataFrame:
@@ -172,12 +181,13 @@ def wire_score(shared: Shared, panel: tuple, method, target, controls: dict) -> 
         discard_ratio: float = DEFAULT_DISCARD_RATIO,
         progress=gr.Progress(),
     ):
-        """Scores how far one explain map can be trusted, by deleting and inserting its patches most relevant first
-        (Petsiuk et al. 2018), beside a random patch order. Costs up to about 200 forward passes.
+        """How far one map can be trusted: deletion and insertion AUCs and SaCo for the target class (empty: the
+        top class), with a random baseline (the mean of seeded random patch orders) beside them. Only the options
+        `method` reads are checked.
 
         Args:
             image: the photo, as a data URL ("data:image/jpeg;base64,..."; JPEG, PNG, WebP, BMP, GIF or TIFF; at most 20 MB, 40 megapixels).
-            method: the map to score: rollout, attention, relevance or gradient_rollout (not heads).
+            method: the map to score: rollout, attention, relevance, balanced_relevance, libra_fullgrad, input_x_gradient or gradient_rollout (not heads).
             target: the class whose probability is followed, a label as classify names it; empty for the top class.
             model: which model answers, one of the names listed for this argument (default: the app's default model).
             layer: attention: which layer, a whole number from 1 to the model's depth (default: the last layer of the model named).
@@ -186,8 +196,11 @@ def wire_score(shared: Shared, panel: tuple, method, target, controls: dict) -> 
             discard_ratio: rollout, gradient_rollout: share of each layer's weakest attention dropped, from 0 to 0.99.
         Returns:
             {"model", "method", "target" (label), "target_index", "probability", "deletion_auc" (lower is
-             better), "insertion_auc" (higher is better), "curves": {"x", "deletion", "insertion"},
-             "random": {"deletion_auc", "insertion_auc", "curves"}, "steps", "forward_passes"}.
+             better), "insertion_auc" (higher is better), "saco" (-1 to 1, higher is better; null for a map
+             that ranks nothing), "curves": {"x", "deletion", "insertion"}, "random": {"deletion_auc",
+             "insertion_auc", "curves", "orders", "deletion_auc_sd", "insertion_auc_sd"}, "steps",
+             "forward_passes", and for libra_fullgrad "completeness": {"logit", "patches", "prefix", "bias",
+             "share" (the share of the logit the map's patches account for)}}.
         """
         req = parse(shared, image, method, model, layer, head, head_fusion, discard_ratio, target)
         result = score(req, progress)
@@ -258,7 +271,9 @@ def tiles_html(tiles: list[tuple[Image.Image, str, dict]]) -> str:
     """One tile per method: its map (inline, so no file is written for it), its name and its two AUCs."""
     figures_ = "".join(
         f'<figure><img src="{_data_url(image)}" alt="{html.escape(name)}"><figcaption><b>{html.escape(name)}</b><br>'
-        f"deletion {r['deletion_auc']:.3f} · insertion {r['insertion_auc']:.3f}</figcaption></figure>"
+        f"deletion {r['deletion_auc']:.3f} · insertion {r['insertion_auc']:.3f} · SaCo {saco_text(r['saco'])}"
+        + (f"<br>{r['completeness']['share']:.0%} of the logit" if "completeness" in r else "")
+        + "</figcaption></figure>"
         for image, name, r in tiles
     )
     return f'<div class="tiles">{figures_}</div>'
@@ -267,16 +282,20 @@ def tiles_html(tiles: list[tuple[Image.Image, str, dict]]) -> str:
 def compare_table(results: list[tuple[str, dict]]) -> str:
     """The AUCs of every method and of a random order, as a Markdown table; the best of each column in bold."""
     first = results[0][1]
-    rows = [(name, r["deletion_auc"], r["insertion_auc"]) for name, r in results]
-    rows.append(("*random order*", first["random"]["deletion_auc"], first["random"]["insertion_auc"]))
-    best_deletion = min(round(d, 3) for _, d, _ in rows)
-    best_insertion = max(round(i, 3) for _, _, i in rows)
+    rows = [(name, r["deletion_auc"], r["insertion_auc"], r["saco"]) for name, r in results]
+    rows.append(("*random order*", first["random"]["deletion_auc"], first["random"]["insertion_auc"], None))
+    best_deletion = min(round(d, 3) for _, d, _, _ in rows)
+    best_insertion = max(round(i, 3) for _, _, i, _ in rows)
+    sacos = [round(c, 3) for _, _, _, c in rows if c is not None]
+    best_saco = max(sacos) if sacos else None
 
-    def cell(value: float, best: float) -> str:
+    def cell(value: float | None, best: float | None) -> str:
+        if value is None:
+            return "–"
         return f"**{value:.3f}**" if round(value, 3) == best else f"{value:.3f}"
 
-    lines = ["| method | deletion AUC ↓ | insertion AUC ↑ |", "|---|---:|---:|"]
-    lines += [f"| {name} | {cell(d, best_deletion)} | {cell(i, best_insertion)} |" for name, d, i in rows]
+    lines = ["| method | deletion AUC ↓ | insertion AUC ↑ | SaCo ↑ |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {cell(d, best_deletion)} | {cell(i, best_insertion)} | {cell(c, best_saco)} |" for name, d, i, c in rows]
     passes = sum(r["forward_passes"] for _, r in results)
     return (
         f"Scored for the class **{checks.text(first['target'])}** ({percent(first['probability'])} on the whole crop), "
