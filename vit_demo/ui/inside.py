@@ -634,8 +634,10 @@ def build(shared: Shared, tab: gr.Tab | None = None) -> None:
     show = dict(api_visibility="private", show_progress_on=pick_pictures[1:3], trigger_mode="always_last")
     gr.on([row.input, col.input, layer.input, head.input], patch_page, patch_inputs, [patch_numbers, *pick_pictures],
           api_name="inside_patch", **show, **fair.lane("heavy"))
-    picker.select(pick, [shared.photo, shared.model], [row, col], api_name="inside_pick", **quiet).success(
-        patch_page, patch_inputs, [patch_numbers, *pick_pictures], api_name="inside_pick_patch", **show, **fair.lane("heavy"))
+    picker.select(pick, [shared.photo, shared.model], [row, col], api_name="inside_pick", trigger_mode="always_last",
+                  **quiet).success(
+        patch_page, patch_inputs, [patch_numbers, *pick_pictures], api_name="inside_pick_patch", **show,
+        **fair.lane("heavy"))
     block.input(tokens_after, [shared.photo, shared.model, block], [tokens_block, tokens_caption],
                 api_name="inside_tokens", trigger_mode="always_last", api_visibility="private",
                 show_progress_on=tokens_block, **fair.lane("heavy"))
