@@ -279,9 +279,11 @@ def test_render_methods_and_head_panels():
     rows = math.ceil(heads / columns)
     assert sheet.size == (columns * 48 + (columns - 1) * 4, rows * 32 + (rows - 1) * 4) == (100, 68)
     px = np.asarray(sheet)
+    rows_of_heads = attns[0][:, 0, 1:]  # (heads, patches): every panel on one colour scale, the page's
+    scale = (float(rows_of_heads.min()), float(rows_of_heads.max()))
     for h in range(heads):
         x0, y0 = (h % columns) * 52, (h // columns) * 36
-        panel = ex.overlay(crop, ex.to_grid(attns[0][h, 0, 1:], (2, 3)))
+        panel = ex.overlay(crop, ex.to_grid(rows_of_heads[h], (2, 3)), scale=scale)
         assert np.array_equal(px[y0 : y0 + 32, x0 : x0 + 48], np.asarray(panel)), f"panel {h}"
     assert (px[32:36] == 255).all() and (px[:, 48:52] == 255).all()  # the gaps
     # 3 heads: still 2 columns, 2 rows, one panel left white.
