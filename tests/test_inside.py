@@ -554,7 +554,7 @@ STEP_FUNCTIONS = {
     "prefix": ("VisionTransformer.embed", "self.cls_token"),
     "blocks": ("VisionTransformer.forward", "blk("),
     "attention": ("Attention.forward", "softmax("),
-    "head": ("VisionTransformer.forward", "self.head("),
+    "head": ("VisionTransformer.forward_head", "self.head("),
 }
 
 

@@ -373,7 +373,8 @@ def patch_view(attns: list[torch.Tensor], tokens: list[torch.Tensor], num_prefix
 def readout_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """The answer the model would give if it stopped after each block: its final LayerNorm and head applied to
     the tokens that the head reads (the class token; the class and distillation heads averaged for distilled
-    DeiT; the mean of the patch tokens for average-pooled models), as `VisionTransformer.forward` applies them.
+    DeiT; the mean of the patch tokens for average-pooled models): `VisionTransformer.forward_head`, which ends
+    `forward` too.
 
     Args:
         model: the VisionTransformer the tokens came from (its `norm`, `fc_norm`, `head` and `head_dist` are used).
@@ -381,16 +382,9 @@ def readout_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     Returns:
         logits (L, num_classes), in float32.
     """
-    cfg = model.cfg
     weight = model.head.weight
     with torch.no_grad():
-        x = model.norm(tokens.to(weight.device, weight.dtype))  # (L, N, D)
-        if cfg.global_pool == "avg":
-            logits = model.head(model.fc_norm(x[:, cfg.num_prefix_tokens :].mean(dim=1)))
-        elif model.head_dist is not None:
-            logits = (model.head(x[:, 0]) + model.head_dist(x[:, 1])) / 2
-        else:
-            logits = model.head(x[:, 0])
+        logits = model.forward_head(tokens.to(weight.device, weight.dtype))  # (L, num_classes)
     return logits.float().cpu()
 
 
@@ -415,7 +409,7 @@ STEP_CODE = {
     "blocks": [("VisionTransformer", "forward", "for blk in self.blocks:", "tokens.append(x)"),
                ("Block", "forward", "y, attn = self.attn(", "x = x + self.mlp(")],
     "attention": [("Attention", "forward", "attn = (q * self.scale)", "attn = attn.float().softmax(")],
-    "head": [("VisionTransformer", "forward", "x = self.norm(x)", "logits = self.head(x[:, 0])")],
+    "head": [("VisionTransformer", "forward_head", "x = self.norm(x)", "logits = self.head(x[:, 0])")],
 }
 
 

@@ -246,6 +246,24 @@ class VisionTransformer(nn.Module):
         self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.distilled else None
         self.init_weights()
 
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm and the head, applied to the tokens the head reads (`readout_tokens`).
+
+        Args:
+            x: (B, prefix + N, C), the tokens after the last block (or after any block, to read out early).
+        Returns:
+            logits (B, num_classes).
+        """
+        x = self.norm(x)
+        if self.cfg.global_pool == "avg":
+            logits = self.head(self.fc_norm(x[:, self.cfg.num_prefix_tokens :].mean(dim=1)))
+        elif self.head_dist is not None:
+            # DeiT distilled: the class head and the distillation head, averaged.
+            logits = (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+        else:
+            logits = self.head(x[:, 0])
+        return logits
+
     def readout_tokens(self, num_tokens: int) -> list[int]:
         """The tokens whose final states the head reads, for an input of `num_tokens` tokens (prefix included).
 
@@ -301,14 +319,7 @@ class VisionTransformer(nn.Module):
             attns.append(attn)
             if return_tokens:
                 tokens.append(x)
-        x = self.norm(x)
-        if self.cfg.global_pool == "avg":
-            logits = self.head(self.fc_norm(x[:, self.cfg.num_prefix_tokens :].mean(dim=1)))
-        elif self.head_dist is not None:
-            # DeiT distilled: the class head and the distillation head, averaged.
-            logits = (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
-        else:
-            logits = self.head(x[:, 0])
+        logits = self.forward_head(x)
         if return_tokens:
             return (logits, attns, tokens) if return_attn else (logits, tokens)
         return (logits, attns) if return_attn else logits

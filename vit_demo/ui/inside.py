@@ -286,9 +286,9 @@ def answer_plot(table: dict) -> gr.LinePlot:
 
 def answer_html(table: dict) -> str:
     """The top class after every block, and the final class's probability there, as an HTML table (escaped)."""
-    final = html.escape(table["final"]["label"])
+    final = checks.text(table["final"]["label"])
     rows = "".join(
-        f"<tr><td>{layer['layer']}</td><td>{html.escape(layer['top_k'][0]['label'])} "
+        f"<tr><td>{layer['layer']}</td><td>{checks.text(layer['top_k'][0]['label'])} "
         f"({percent(layer['top_k'][0]['probability'])})</td><td>{percent(p)}</td></tr>"
         for layer, p in zip(table["layers"], table["final"]["probability_by_layer"])
     )
@@ -304,7 +304,7 @@ def head_html(clf: Classifier, walk: dict, k: int = TOP_K) -> str:
     probs = logits.softmax(-1)
     top = probs.topk(min(k, len(clf.labels))).indices.tolist()
     rows = "".join(
-        f"<tr><td>{html.escape(clf.labels[i])}</td><td>{float(logits[i]):.2f}</td><td>{percent(probs[i])}</td></tr>"
+        f"<tr><td>{checks.text(clf.labels[i])}</td><td>{float(logits[i]):.2f}</td><td>{percent(probs[i])}</td></tr>"
         for i in top
     )
     return (
