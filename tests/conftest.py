@@ -345,24 +345,37 @@ ARTIFACTS = ROOT / "test-artifacts"  # screenshots, git-ignored
 RAW_TIMEOUT = 120
 
 
-def raw_call(url: str, api: str, data: list) -> tuple[str, object]:
-    """A raw `call` request (no client, no defaults) and its event stream: ("complete", output) or ("error", message)."""
+def raw_call(url: str, api: str, data: list, headers: dict | None = None, listen: bool = True) -> tuple[str, object]:
+    """A raw `call` request (no client, no defaults) and its event stream: ("complete", output) or ("error", message);
+    ("refused", the reply's text) when the call is not admitted; ("sent", event id) when not listening."""
     import json
 
     import httpx
 
-    r = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data}, timeout=RAW_TIMEOUT)
-    assert r.status_code == 200, (r.status_code, r.text[:200])
+    r = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data}, headers=headers, timeout=RAW_TIMEOUT)
+    if r.status_code != 200:
+        return "refused", r.text
     event_id = r.json()["event_id"]
-    with httpx.stream("GET", f"{url}gradio_api/call/{api}/{event_id}", timeout=RAW_TIMEOUT) as stream:
+    if not listen:
+        return "sent", event_id
+    with httpx.stream("GET", f"{url}gradio_api/call/{api}/{event_id}", headers=headers, timeout=RAW_TIMEOUT) as stream:
         event = None
         for line in stream.iter_lines():
             if line.startswith("event:"):
                 event = line.split(":", 1)[1].strip()
             elif line.startswith("data:") and event in ("complete", "error"):
                 payload = json.loads(line.split(":", 1)[1])
-                return event, (payload.get("error") if isinstance(payload, dict) else payload)
-    raise AssertionError(f"no answer from {api}")
+                return event, (payload.get("error") if isinstance(payload, dict) and event == "error" else payload)
+    return "lost", None
+
+
+def rss_mb() -> float:
+    """This process's resident memory, from /proc/self/status (VmRSS, in kB)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def raw_upload(url: str, path: str) -> dict:

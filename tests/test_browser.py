@@ -76,10 +76,10 @@ def app(tmp_path_factory):
     received: list[Image.Image] = []
     predict = clf.predict
 
-    def recording_predict(image, k=5, **kwargs):  # the app passes the upload's path
-        with Image.open(image) as im:
+    def recording_predict(image, k=5, key=None, **kwargs):  # the app passes the decoded crop, keyed by the upload's path
+        with Image.open(key) as im:
             received.append(im.copy())
-        return predict(image, k=k, **kwargs)
+        return predict(image, k=k, key=key, **kwargs)
 
     mp.setattr(clf, "predict", recording_predict)
     port = free_port()
@@ -272,7 +272,7 @@ def test_an_unreadable_upload_removes_the_old_answer_and_says_why(page, app, lib
     bad = app["tmp"] / "not-a-photo.jpg"
     bad.write_text("This is a text file with a .jpg name, not a JPEG.\n" * 20)
     _upload(page, bad)
-    toast = page.locator('[data-testid="toast-body"]').filter(has_text="could not be read as an image")
+    toast = page.locator('[data-testid="toast-body"]').filter(has_text="This file is not an image")  # refused at the upload
     expect(toast).to_be_visible(timeout=WAIT_MS)
     expect(toast).to_contain_text("upload a JPEG, PNG")
     expect(toast).to_have_css("opacity", "1")  # it fades in: wait before the screenshot
@@ -343,7 +343,9 @@ def test_the_attention_tab_draws_without_a_click(page, app, library):
     _upload(page, CHELSEA)
     _expect_answer(page, library, CHELSEA)
     _open_tab(page, "Attention")
-    _wait_for_images(page, "#overlay img", "#crop img")
+    _wait_for_images(page, "#overlay img")
+    page.locator("#crop").scroll_into_view_if_needed()  # below the controls on a phone, and loaded when in view
+    _wait_for_images(page, "#crop img")
     from vit_demo.ui.classify import percent
 
     _, _, target, logits = library.maps(Image.open(CHELSEA), "rollout")

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import gc
 import io
-import json
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -26,7 +24,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, launched, wait_until
+from conftest import EXAMPLES, launched, rss_mb, wait_until
+from conftest import raw_call as call
 from vit_demo.registry import BUNDLED_NAME, Registry
 from vit_demo.ui import fair, server
 
@@ -44,14 +43,6 @@ def explain_data(photo: dict, method: str) -> list:
 
 def faith_data(photo: dict, method: str = "relevance") -> list:
     return [photo, method, "", None, None, None, "mean", 0.9]
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def p95(values: list[float]) -> float:
@@ -92,25 +83,6 @@ def upload(url: str, path_or_bytes, headers: dict | None = None, name: str = "ph
 
 def handle(path: str) -> dict:
     return {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": Path(path).name}
-
-
-def call(url: str, api: str, data: list, headers: dict | None = None, listen: bool = True) -> tuple[str, object]:
-    """A raw /call request: ("complete", output) or ("error", message); ("sent", event id) when not listening."""
-    r = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data}, headers=headers, timeout=TIMEOUT)
-    if r.status_code != 200:
-        return "refused", r.text
-    event_id = r.json()["event_id"]
-    if not listen:
-        return "sent", event_id
-    with httpx.stream("GET", f"{url}gradio_api/call/{api}/{event_id}", headers=headers, timeout=TIMEOUT) as stream:
-        event = None
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and event in ("complete", "error"):
-                payload = json.loads(line.split(":", 1)[1])
-                return event, (payload.get("error") if isinstance(payload, dict) and event == "error" else payload)
-    return "lost", None
 
 
 def classify_times(url: str, photo: dict, n: int, headers: dict, stop: threading.Event | None = None) -> tuple[list, int]:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, confidences, launched, make_fruit_checkpoint
+from conftest import EXAMPLES, confidences, launched, make_fruit_checkpoint, rss_mb
 from vit_demo.registry import Registry
 
 IMAGES = [str(EXAMPLES / name) for name in ("chelsea.jpg", "astronaut.jpg", "coffee.jpg", "rocket.jpg")]
@@ -32,15 +32,6 @@ CHECK_OVERLAY_EVERY = 4  # fetch and compare one /explain overlay in this many
 # Every overlay fetched must come back whole: a file rewritten in place while others download it gives them
 # 0 bytes or a truncated PNG.
 
-
-
-def rss_mb() -> float:
-    """This process's resident memory, from /proc/self/status (VmRSS, in kB)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 @pytest.fixture(scope="module")

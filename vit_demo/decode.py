@@ -391,7 +391,10 @@ def _zygote(fd: int) -> None:
             finally:
                 os._exit(0)
         os.close(fds[0])
-        control.sendall(struct.pack("<i", pid))
+        try:
+            control.sendall(struct.pack("<i", pid))
+        except OSError:  # the server went while the worker was forked
+            return
 
 
 class _Worker:

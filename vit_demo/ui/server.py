@@ -37,7 +37,7 @@ import uvicorn
 from python_multipart.multipart import MultipartParser, parse_options_header
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from . import fair
+from . import checks, fair
 from .fair import env_int
 
 log = logging.getLogger("vit_demo.ui")
@@ -150,6 +150,7 @@ class RequestLimits:
             if parts is None:
                 return await _reply(send, 400, "The upload could not be read: send files as multipart/form-data.")
             if not parts or not all(is_image(head) for head, _ in parts):
+                checks.log_refusal(NOT_AN_IMAGE)
                 return await _reply(send, 415, NOT_AN_IMAGE)
             client = fair.address(scope)
             refused = self.ledger.make_room(client, sum(n for _, n in parts))
