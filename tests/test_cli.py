@@ -140,7 +140,10 @@ def test_explain_a_class_with_faithfulness(tmp_path, float32):
     assert "relevance map of the class 'Sandal'" in out.stdout
     assert f"deletion AUC  {r['deletion_auc']:.3f}  (random order {r['random']['deletion_auc']:.3f}; lower is better)" in out.stdout
     assert f"insertion AUC {r['insertion_auc']:.3f}  (random order {r['random']['insertion_auc']:.3f}; higher is better)" in out.stdout
-    assert "49 steps over 49 patches, 195 forward passes" in out.stdout
+    # The full, all-deleted and blurred crops, 48 inner points on each curve for the map and 3 random orders,
+    # and one pass for each of SaCo's 10 groups.
+    assert "49 steps over 49 patches, 397 forward passes" in out.stdout
+    assert 3 + 2 * 48 * (1 + 3) + 10 == r["forward_passes"] == 397
     assert Image.open(tmp_path / "why.png").size == (28, 28)
     assert is_error(cli("explain", SNEAKER, *ON_BUNDLED, "--method", "relevance", "--target", "tabby cat", "--faithfulness"),
                     "'tabby cat'", "10 classes", "labels")

@@ -49,6 +49,7 @@ QUERY_BYTES = 4096
 SESSION_HASH_CHARS = 64
 DEFAULT_CACHE_SECONDS = 3600
 UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+UPLOAD_KEEP_SECONDS = 60.0  # an upload is kept at least this long before a client's later uploads push it out
 UPLOAD_ID_SECONDS = 30.0  # Gradio's progress state for an upload id is freed this long after its last request
 SPOOL_MEMORY = 256 * 1024  # an upload body is kept in memory up to this size, then in an unnamed temporary file
 NOT_AN_IMAGE = "This file is not an image: upload a JPEG, PNG, WebP, BMP, GIF or TIFF photo."
@@ -231,11 +232,11 @@ def _recording_paths(send, paths: list[str]):
 
 class UploadLedger:
     """Who uploaded which file of the upload cache, and the caps: `total` bytes of uploads in all and `share`
-    bytes per client. Past a client's share, its own oldest files go (those older than `keep_s`; a client whose
-    files are all newer is refused, 429); past the total, the client's oldest files go first, then the oldest
-    of anyone's (507 when every file is newer than `keep_s`)."""
+    bytes per client. Past a client's share, its own oldest files go (those older than `keep_s`, by default
+    UPLOAD_KEEP_SECONDS; a client whose files are all newer is refused, 429); past the total, the client's oldest
+    files go first, then the oldest of anyone's (507 when every file is newer than `keep_s`)."""
 
-    def __init__(self, total: int, share: int, keep_s: float = 60.0):
+    def __init__(self, total: int, share: int, keep_s: float | None = None):
         self.total, self.share, self.keep_s = total, share, keep_s
         self._files: dict[str, collections.OrderedDict] = collections.defaultdict(collections.OrderedDict)
         self._owner: dict[str, str] = {}
@@ -292,7 +293,7 @@ class UploadLedger:
         if not files:
             return False
         path, (added, _) = next(iter(files.items()))
-        if now - added < self.keep_s:
+        if now - added < (UPLOAD_KEEP_SECONDS if self.keep_s is None else self.keep_s):
             return False
         files.pop(path)
         self._owner.pop(path, None)
