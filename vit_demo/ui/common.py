@@ -102,7 +102,7 @@ class Shared:
     def classifier(self, name) -> Classifier:
         """The loaded model a request names (the default when empty); refusals in one sentence."""
         try:
-            name = self.resolve(name)
+            name = self.registry.check_allowed(self.resolve(name))  # a name not on offer loads nothing to count
             fair.count_switch(self.registry, name)  # a load counts against the client's share of switches
             return self.registry.get(name, client=checks.current_client())
         except ModelLoadError as e:
