@@ -391,14 +391,22 @@ def test_elongated_image_stays_small_in_memory(app, monkeypatch, model, name):
         seen.append(size[0] * size[1])
         return new(mode, size, *args, **kwargs)
 
-    monkeypatch.setattr(Image.Image, "resize", spy_resize)  # the app runs in this process: its images are seen too
-    monkeypatch.setattr(Image, "new", spy_new)
+    from vit_demo import decode
+
     source = getattr(app, model)
-    got = classify(app, path, model=source)
+    got = classify(app, path, model=source)  # decoded in a worker process
+    clf = app.demo.registry.get(source)
+    # What that worker ran, run here under the spies: every image it makes is seen.
+    monkeypatch.setattr(Image.Image, "resize", spy_resize)
+    monkeypatch.setattr(Image, "new", spy_new)
+    crop = decode.read_crop(str(path), clf.preprocessor.cfg)
     monkeypatch.undo()
+    assert seen, "the spies saw no image being made"
     with Image.open(path) as im:
-        assert_same(got, app.demo.registry.get(source).predict(im, k=5), f"{model} model, {name}")
-    biggest = max(seen, default=0)
+        assert_same(got, clf.predict(im, k=5), f"{model} model, {name}")
+        assert np.array_equal(crop, clf.preprocessor.crop(im).numpy())
+    biggest = max(seen)
+    print(f"\n{name}: largest intermediate image {biggest} pixels")
     assert biggest <= 16_000_000, f"an intermediate image of {biggest / 1e6:.0f} megapixels for a {name}"
 
 

@@ -93,7 +93,10 @@ def test_tools_are_listed_with_descriptions_an_agent_can_act_on(app_url):
         for arg, schema in props.items():  # every argument is explained, not just typed
             assert len(schema.get("description", "")) > 20, (name, arg)
     explain = tools["explain"].inputSchema["properties"]
-    assert explain["method"]["enum"] == ["rollout", "attention", "heads", "relevance", "gradient_rollout"]
+    from vit_demo.explain import METHODS
+
+    assert explain["method"]["enum"] == list(METHODS)
+    assert {"rollout", "relevance", "balanced_relevance", "libra_fullgrad"} <= set(METHODS)
     assert "from 1" in explain["layer"]["description"] and "0.99" in explain["discard_ratio"]["description"]
     assert "1 to 20" in tools["classify"].inputSchema["properties"]["top_k"]["description"]
 
@@ -152,6 +155,7 @@ def test_bad_inputs_get_the_pages_sentence(app_url):
 
     top_k, unreadable, layer, after = mcp_session(app_url, calls)
     assert top_k.isError and top_k.content[0].text == "The top k must be from 1 to 20 for this model, not 99."
-    assert unreadable.isError and unreadable.content[0].text.startswith("This file could not be read as an image")
+    assert unreadable.isError and unreadable.content[0].text == (
+        "This file is not an image: upload a JPEG, PNG, WebP, BMP, GIF or TIFF photo.")  # the upload's door
     assert layer.isError and layer.content[0].text == "The layer must be from 1 to 6 for this model, not 9."
     assert not after.isError and json.loads(after.content[0].text)["label"] == "Sneaker"
