@@ -118,27 +118,27 @@ def _y4m(frames: list[np.ndarray], path: Path, fps: int = 30) -> None:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """The real page serving the bundled model, launched in this process; records every frame `predict` gets
-    (time, image) from the live stream, and can be slowed down (app["slow_s"], added to every forward pass)."""
+    """The real page serving the bundled model, launched in this process; records every live frame as the server
+    decoded it (time, image), and can be slowed down (app["slow_s"], added to every forward pass)."""
     from vit_demo.registry import BUNDLED_NAME, Registry
 
     tmp = tmp_path_factory.mktemp("live")
     with launched(Registry([BUNDLED_NAME], default=BUNDLED_NAME, device="cpu"), tmp) as (demo, url):
         clf = demo.registry.get(BUNDLED_NAME)
         state = dict(url=url, demo=demo, clf=clf, tmp=tmp, frames=[], slow_s=0.0)
-        predict, forward = clf.predict, clf.runtime.batcher.forward
+        crop, forward = clf.crop, clf.runtime.batcher.forward
 
-        def recording_predict(image, k=5, **kwargs):
-            if isinstance(image, Image.Image):  # a live frame (/classify passes the upload's path)
+        def recording_crop(image, *args, **kwargs):
+            if isinstance(image, Image.Image):  # a live frame (uploads are decoded and cropped in a worker process)
                 state["frames"].append((time.monotonic(), image.copy()))
-            return predict(image, k=k, **kwargs)
+            return crop(image, *args, **kwargs)
 
         def slowed_forward(x):
             time.sleep(state["slow_s"])
             return forward(x)
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(clf, "predict", recording_predict)
+            mp.setattr(clf, "crop", recording_crop)
             mp.setattr(clf.runtime.batcher, "forward", slowed_forward)
             yield state
 
@@ -154,7 +154,7 @@ def pw(app):
 
 def _live_streams(demo) -> int:
     """Live streams the server is running now."""
-    return demo._queue.event_queue_per_concurrency_id["live"].current_concurrency
+    return sum(event.streaming for job in demo._queue.active_jobs for event in (job or ()))
 
 
 class Stream:
@@ -476,19 +476,23 @@ def _answered(stream) -> int:
     return int(match.group(1)) if match else 0
 
 
-def test_two_visitors_stream_at_once_and_a_waiting_one_is_told(pw, app):
-    """Two pages stream at once: each is answered, and each shows its own frames per second and count. With one
-    stream allowed at a time, the second visitor's label shows its place in the queue until the first stops."""
+def test_two_visitors_stream_at_once_and_a_third_is_told_the_view_is_full(pw, app, monkeypatch):
+    """Two pages stream at once: each is answered, and each shows its own frames per second and count. With two
+    streams allowed at a time, a third visitor is told in one sentence that the live view is full; once a stream
+    stops, that visitor's Record is answered."""
+    import dataclasses
+
+    from playwright.sync_api import expect
+
+    queue = app["demo"]._queue
     y4m = app["tmp"] / "chelsea-320.y4m"
     source = Image.open(EXAMPLES / "chelsea.jpg").convert("RGB").resize((320, 240), Image.BICUBIC)
     _y4m([np.asarray(source)] * 2, y4m)
-    first, second = Stream(pw, app, y4m), Stream(pw, app, y4m)
-    live_queue, limit = None, None
+    monkeypatch.setattr(queue, "policy", dataclasses.replace(queue.policy, streams=2, address_streams=3))
+    first, second, third = Stream(pw, app, y4m), Stream(pw, app, y4m), Stream(pw, app, y4m)
     try:
         first.start()
         second.start()
-        live_queue = app["demo"]._queue.event_queue_per_concurrency_id["live"]
-        limit = live_queue.concurrency_limit
         for stream in (first, second):
             stream.wait_for(lambda stream=stream: _answered(stream) >= 5)
         lines = [s.page.locator("#live-info").inner_text() for s in (first, second)]
@@ -496,23 +500,20 @@ def test_two_visitors_stream_at_once_and_a_waiting_one_is_told(pw, app):
         assert all("frames/s" in line for line in lines), lines
         assert first.label() == second.label() == "Bag"
 
-        # One stream at a time: the second visitor waits, and sees it.
+        third.start()
+        full = third.page.locator('[data-testid="toast-body"]').filter(has_text="The live view is full")
+        full.wait_for(state="visible")
+        _shot(third.page, "live-full.png")
+        assert "try again in about a minute" in full.inner_text()
+        assert _answered(third) == 0
+
         first.stop()
-        second.stop()
-        first.wait_for(lambda: _live_streams(app["demo"]) == 0)
-        live_queue.concurrency_limit = 1
-        first.page.locator("#live-camera").get_by_label("capture photo").click()  # Record again
-        first.wait_for(lambda: _answered(first) >= 8)
-        second.page.locator("#live-camera").get_by_label("capture photo").click()
-        queued = second.page.locator("#live-label").get_by_text("queue:")
-        queued.wait_for(state="visible")
-        _shot(second.page, "live-waiting.png")
-        waiting_count = _answered(second)
-        first.stop()
-        second.wait_for(lambda: _answered(second) > waiting_count)
-        assert not queued.is_visible()
+        third.wait_for(lambda: _live_streams(app["demo"]) <= 1)
+        button = third.page.locator("#live-camera").get_by_label("capture photo")
+        expect(button).to_have_text("Record")  # not left at "Waiting" by the refusal
+        button.click()  # Record again
+        third.wait_for(lambda: _answered(third) >= 3)
+        assert third.label() == "Bag"
     finally:
-        if live_queue is not None:
-            live_queue.concurrency_limit = limit
-        first.close()
-        second.close()
+        for stream in (first, second, third):
+            stream.close()

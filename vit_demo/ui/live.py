@@ -53,6 +53,11 @@ PACE_STALE_MS = 3000  # a frame still unanswered after this long no longer holds
 RATE_WINDOW_S = 5.0  # frames per second are counted over the last few seconds
 LIVE_SECONDS = 60  # a stream goes back to the queue this often (the page rejoins at once)
 TOP_K = 5
+# A refused or failed stream leaves the camera's button at "Waiting" or "Stop": press it, so that it reads "Record".
+STREAM_REFUSED_JS = """() => {
+  const b = document.querySelector('#live-camera button[aria-label="capture photo"]');
+  if (b && !/Record/.test(b.innerText)) b.click();
+}"""
 MIN_VIEW = 224  # maps of smaller crops are drawn larger, by a whole factor
 # The camera is asked for 320x240: enough for a 224-pixel crop, and 25 frames a second take about 1.5 MB/s of the
 # visitor's upload rather than 4.4 at 640x480 (a camera without the mode gives its nearest). On a phone, the rear
@@ -174,4 +179,5 @@ def build(shared: Shared) -> None:
     camera.stream(live, [camera, shared.model, show_map, stats], [label, live_map, info, stats], api_name="live",
                   api_visibility="private", stream_every=FRAME_EVERY_S, time_limit=LIVE_SECONDS,
                   show_progress="minimal", show_progress_on=[label],
-                  **fair.lane("cheap"))  # fair.py bounds the streams, per client too
+                  **fair.lane("cheap")).failure(  # fair.py bounds the streams, per client too
+        None, js=STREAM_REFUSED_JS, api_visibility="private", queue=False)
