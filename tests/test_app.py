@@ -512,3 +512,25 @@ def test_a_hub_out_of_reach_hides_models_a_refusing_hub_does_not(fake_hub, tmp_p
         assert offered == [BUNDLED_NAME]
     else:  # the Hub answered: the other models may well load
         assert offered == [BUNDLED_NAME, default, "other/not-cached"]
+
+
+def test_a_photo_the_model_answers_with_nan_gets_a_sentence(served, monkeypatch):
+    """A checkpoint that passes the load check (a grey photo) and gives NaN logits for some photo: that request is
+    refused with a sentence, the NaN is not kept as the photo's answer, and the next photo is answered."""
+    import torch
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    client, path, demo = served
+    clf = demo.registry.get(str(path))
+    runtime = clf.runtime
+    monkeypatch.setattr(clf, "runtime", lambda x: torch.full((x.shape[0], len(clf.labels)), float("nan")))
+    sentence = ("The model gave answers that are not numbers (NaN or infinite logits) for this photo: try another "
+                "photo or another model.")
+    photo = str(EXAMPLES / "rocket.jpg")
+    for api_name in ("/classify", "/explain"):
+        with pytest.raises(AppError) as info:
+            client.predict(image=handle_file(photo), api_name=api_name)
+        assert str(info.value) == sentence
+    monkeypatch.setattr(clf, "runtime", runtime)
+    assert len(confidences(client.predict(image=handle_file(photo), top_k=3, api_name="/classify"))) == 3

@@ -62,6 +62,10 @@ class LRU:
         return len(self._items)
 
 
+class NotANumber(ValueError):
+    """The model's logits for one photo are NaN or infinite (a checkpoint that loads, and fails on some inputs)."""
+
+
 class Classifier:
     """A loaded ViT checkpoint, ready to classify and explain PIL images.
 
@@ -153,6 +157,9 @@ class Classifier:
         logits = self.cache.get((key, "logits"))
         if logits is None:
             logits = self.runtime(self.preprocessor.normalize(crop))[0]
+            if not bool(torch.isfinite(logits).all()):
+                raise NotANumber("The model gave answers that are not numbers (NaN or infinite logits) for this photo: "
+                                 "try another photo or another model.")
             self.cache.put((key, "logits"), logits)
         return logits
 

@@ -24,6 +24,7 @@ from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError, HTTPError
 from starlette.middleware import Middleware
 
+from ..classifier import NotANumber
 from ..hub import ModelLoadError
 from ..registry import BUNDLED_NAME, Registry, bundled_available
 from ..runtime import warm_up
@@ -150,6 +151,8 @@ class Page(gr.Blocks):
             return await super().call_function(block_fn, processed_input, *args, **kwargs)
         except gr.Error:
             raise
+        except NotANumber as e:  # the model failed on this photo: its sentence
+            raise checks.refusal(str(e)) from e
         except Exception as e:  # escaped the app's checks: one sentence, and the log's rate limit
             raise fair.escaped(e) from e
 
