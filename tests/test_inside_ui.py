@@ -38,7 +38,10 @@ def served(tmp_path_factory):
     fruit = str(make_fruit_checkpoint(tmp / "fruit"))
     deit = str(make_transformers(tmp / "deit", "small", distilled=True).path)
     registry = Registry([BUNDLED_NAME, fruit, deit], default=BUNDLED_NAME, device="cpu")
-    with launched(registry, tmp) as (demo, url):
+    # These tests switch between three models from one address many times a minute: the switch limit per visitor
+    # is not what they look at (test_crowd is).
+    with pytest.MonkeyPatch.context() as mp, launched(registry, tmp) as (demo, url):
+        mp.setenv("VIT_DEMO_SWITCHES_PER_MINUTE", "1000")
         client = Client(url, download_files=False, verbose=False)
         try:
             yield dict(url=url, client=client, demo=demo, fruit=fruit, deit=deit, tmp=tmp)

@@ -148,7 +148,6 @@ def test_every_wrong_type_or_value_gets_a_sentence(app, api, case):
 
 def test_echoed_names_are_cut_and_log_lines_stay_short(app, caplog, monkeypatch):
     _, url, _, _ = app
-    monkeypatch.setattr(checks, "log_refusal", checks._RefusalLog())  # a fresh minute
     caplog.set_level(logging.INFO, logger="vit_demo")
     name = "x" * 200_000  # under the body limit, far over a name
     event, out = call(url, "classify", [upload(url, CHELSEA), 5, name])
@@ -157,12 +156,30 @@ def test_echoed_names_are_cut_and_log_lines_stay_short(app, caplog, monkeypatch)
     assert max(len(r.getMessage()) for r in caplog.records) < 400
 
 
-def test_a_flood_of_refusals_logs_a_bounded_number_of_lines(caplog):
-    caplog.set_level(logging.INFO, logger="vit_demo")
-    log = checks._RefusalLog(per_minute=30)
-    for i in range(1000):
-        log(f"bad request {i}")
-    assert len(caplog.records) == 30
+def test_a_flood_of_refusals_logs_a_bounded_number_of_lines():
+    """Refusals go through the server's one log limit: a few lines a minute of one kind, the rest counted."""
+    from vit_demo.ui import fair
+
+    limit = fair.LogLimit(per_kind=5, per_minute=60)
+    logger = logging.getLogger("vit_demo.ui")
+    handler = logging.Handler(logging.INFO)
+    seen = []
+    handler.emit = seen.append
+    handler.addFilter(limit)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for i in range(1000):
+            checks.log_refusal(f"bad request {i}")
+        limit._window -= 60  # the next minute
+        checks.log_refusal("one more")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in seen[:5]] == [f"refused: bad request {i}" for i in range(5)]
+    assert len(seen) == 6
+    assert seen[-1].getMessage() == "refused: one more (995 more like this were not logged)"
 
 
 def test_oversized_bodies_and_session_hashes_are_refused_before_reading(app):
@@ -196,7 +213,7 @@ def test_identical_explanations_downloaded_concurrently_all_decode(app):
 
     _, url, _, _ = app
     photo = upload(url, CHELSEA)
-    at_once = dict(fair.Policy().address_jobs)["heavy"]
+    at_once = dict(fair.Policy.from_env().address_jobs)["heavy"]
     failures = []
 
     def visitor(_):

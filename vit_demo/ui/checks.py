@@ -17,8 +17,6 @@ import html
 import logging
 import math
 import re
-import threading
-import time
 
 import gradio as gr
 
@@ -26,7 +24,6 @@ log = logging.getLogger("vit_demo.ui")
 
 ECHO_CHARS = 60  # a visitor's text is quoted back at most this long
 MAX_NAME_CHARS = 200  # longer model names are refused without being looked up
-LOG_LINES_PER_MINUTE = 30
 
 
 def short(value, limit: int = ECHO_CHARS) -> str:
@@ -36,29 +33,10 @@ def short(value, limit: int = ECHO_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class _RefusalLog:
-    """One line per refusal, at most LOG_LINES_PER_MINUTE a minute; the rest are counted and summed up."""
-
-    def __init__(self, per_minute: int = LOG_LINES_PER_MINUTE):
-        self.per_minute = per_minute
-        self._lock = threading.Lock()
-        self._window, self._lines, self._dropped = 0.0, 0, 0
-
-    def __call__(self, message: str) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._window >= 60:
-                if self._dropped:
-                    log.warning("%d more refusals in the last minute were not logged.", self._dropped)
-                self._window, self._lines, self._dropped = now, 0, 0
-            if self._lines >= self.per_minute:
-                self._dropped += 1
-                return
-            self._lines += 1
-        log.info("refused: %s", short(message, 300))
-
-
-log_refusal = _RefusalLog()
+def log_refusal(message: str) -> None:
+    """One line per refusal, cut short; how many lines reach the log is `fair.LogLimit`'s policy (per kind and in
+    all, a minute), the same for every line the server writes."""
+    log.info("refused: %s", short(message, 300))
 
 
 _MARKUP = re.compile(r"[^\w\s]|_")  # every ASCII and Unicode punctuation or symbol character, and "_"
