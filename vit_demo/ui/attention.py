@@ -30,6 +30,7 @@ from .maps import attending, parse, target_value
 METHOD_CHOICES = [(m.label, name) for name, m in METHOD_TABLE.items()]
 ALWAYS_SHOWN = ("alpha",)  # controls every method uses
 TOP_CLASSES = 5  # the classes offered to explain
+SCORE_LABEL = {True: "Score this map", False: "One map per head: pick Class-token attention and a head to score it"}
 TARGET_INFO = {
     True: "The map answers: why this class? Pick another of the top classes to see what speaks for it.",
     False: "This method's map is the same for every class: pick a method that explains a class, such as Relevance or Libra FullGrad+.",
@@ -53,11 +54,25 @@ def method_note(method: str) -> str:
     return DESCRIPTIONS[method]
 
 
-def caption(method: str, label: str, probability: float) -> str:
-    """Which class the map belongs to, with its probability."""
+def drawn(method: str, options: dict, depth: int) -> str:
+    """What the map is drawn from: which layer and head, or which layers."""
+    if method in ("attention", "heads"):
+        layer = options["layer"] % depth + 1
+        heads = ("one panel per head" if method == "heads" else
+                 "the mean of the heads" if options["head"] is None else f"head {options['head'] + 1}")
+        return f"Drawn from layer {layer} of {depth}, {heads}."
+    if method == "rollout":
+        return f"Drawn from all {depth} layers, heads fused by their {options['head_fusion']}."
+    return f"Drawn from all {depth} layers."
+
+
+def caption(method: str, label: str, probability: float, where: str = "") -> str:
+    """Which class the map belongs to, with its probability, and what it is drawn from."""
+    where = f" {where}" if where else ""
     if method in CLASS_SPECIFIC:
-        return f"This map explains the class **{checks.text(label)}** ({percent(probability)})."
-    return f"The model's answer: **{checks.text(label)}** ({percent(probability)}). This map is the same for every class."
+        return f"This map explains the class **{checks.text(label)}** ({percent(probability)}).{where}"
+    return (f"The model's answer: **{checks.text(label)}** ({percent(probability)}). This map is the same for every "
+            f"class.{where}")
 
 
 def target_choices(clf: Classifier, logits: torch.Tensor, target: int) -> gr.Dropdown:
@@ -104,7 +119,8 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
         p = float(probabilities(logits)[named])
         what = "all heads of this layer" if req.method == "heads" else "this map"
         return (overlay, Image.fromarray(crop.permute(1, 2, 0).squeeze(-1).numpy()),
-                caption(req.method, clf.labels[named], p), figures.colour_bar(low, high, what),
+                caption(req.method, clf.labels[named], p, drawn(req.method, req.options, clf.config.depth)),
+                figures.colour_bar(low, high, what),
                 target_choices(clf, logits, t), *faith.cleared())
 
     @gpu
@@ -154,7 +170,7 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
         wanted = shown_controls(method)
         specific = method in CLASS_SPECIFIC
         return ([gr.update(visible=name in wanted) for name in controls] + [method_note(method)]
-                + [gr.update(interactive=specific, info=TARGET_INFO[specific]), gr.update(interactive=method != "heads")])
+                + [gr.update(interactive=specific, info=TARGET_INFO[specific]), gr.update(interactive=method != "heads", value=SCORE_LABEL[method != "heads"])])
 
     def reset_controls(model):
         c = shared.classifier(model).config
@@ -166,11 +182,10 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
                               interactive=False, buttons=["download", "fullscreen"])
     map_caption = gr.Markdown(elem_id="map-class")
     colour_bar = gr.HTML(figures.colour_bar(), elem_id="colour-bar")
-    target = TargetChoice([], value=None, label="Class to explain", elem_id="target", interactive=False,
-                             info=TARGET_INFO[False])
-    panel = faith.score_panel()
     method = checks.Radio(METHOD_CHOICES, value="rollout", label="Method", elem_id="method")
     about = gr.Markdown(method_note("rollout"), elem_id="method-note")
+    target = TargetChoice([], value=None, label="Class to explain", elem_id="target", interactive=False,
+                             info=TARGET_INFO[False])
     first = shown_controls("rollout")
     controls = {
         "layer": checks.Slider(1, depth, value=depth, step=1, label="Layer", elem_id="layer", visible="layer" in first,
@@ -187,6 +202,7 @@ def build(shared: Shared, depth: int, heads: int, tab: gr.Tab | None = None) -> 
     }
     controls["layer"].api_default = None  # for API callers: the last layer of the model they name (page.Page)
     button = gr.Button("Explain again", variant="secondary", elem_id="explain-btn")
+    panel = faith.score_panel()
     crop = ResultImage(label="The crop the model saw", type="pil", format="png", elem_id="crop", interactive=False,
                        height=224)
     faith.build_compare(shared, target, controls, controls["alpha"])

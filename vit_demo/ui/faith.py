@@ -115,6 +115,9 @@ def scores_html(result: dict) -> str:
         f"better: hiding the patches this map ranks first should make <i>{target}</i> fall at once.</p>"
         f"<p><b>Insertion AUC {result['insertion_auc']:.3f}</b> (random order {rnd['insertion_auc']:.3f}). Higher "
         "is better: revealing those patches first, over a blurred copy, should bring it back at once.</p>"
+        f"<p><b>SaCo {saco_text(result.get('saco'))}</b> (from -1 to 1). Higher is better: groups of patches the map "
+        "ranks higher should lower the probability more when hidden (Wu et al. 2024).</p>"
+        f"{completeness_html(result)}"
         f"<p>{verdict(result)} <small>{result['steps']} steps per curve, {result['forward_passes']} forward passes; "
         f"{target} has {percent(result['probability'])} on the whole crop.</small></p>"
         f'<div class="legend">{legend}</div>'

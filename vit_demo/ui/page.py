@@ -84,6 +84,11 @@ JS = """
 """
 # The key of a photo value in the browser: its server path (uploads are named by their content), "" for none.
 PHOTO_KEY = "(photo) => photo ? String(photo.path || photo.url || '') : ''"
+# Where the answer is out of view (a phone, whose single column puts it above the examples), scroll to it.
+SHOW_ANSWER_JS = """() => {
+  const answer = document.querySelector('#tabs-col');
+  if (answer && answer.getBoundingClientRect().top < 0) answer.scrollIntoView({block: 'start'});
+}"""
 LAUNCH_KWARGS = dict(css=CSS, js=JS, theme=gr.themes.Soft(), max_file_size=MAX_FILE_SIZE)
 
 
@@ -275,8 +280,9 @@ def _examples(photo, bundled_first: bool) -> None:
     if bundled_first:  # what the bundled model was trained on comes first while it serves
         files.sort(key=lambda f: not f.startswith("fashion-mnist"))
         label = "Examples (clothing first: the bundled model knows only clothing)"
-    gr.Examples([[os.path.join(EXAMPLES_DIR, f)] for f in files], inputs=[photo], label=label, examples_per_page=12,
-                elem_id="examples")
+    examples = gr.Examples([[os.path.join(EXAMPLES_DIR, f)] for f in files], inputs=[photo], label=label,
+                           examples_per_page=12, elem_id="examples")
+    examples.dataset.click(None, js=SHOW_ANSWER_JS)  # on a phone the answer is above the examples: bring it into view
 
 
 def _wire(shared: Shared, tabs: gr.Tabs, model_info, model_note) -> None:
