@@ -79,3 +79,15 @@ def test_vit_demo_command_has_the_subcommands_of_python_m(venv, tmp_path):
     assert [set(t) for t in top] == [{"label", "score"}] * 2 and top[0]["label"] == "Sneaker"
     _run([venv / "vit-demo", "explain", SHOE, "--model", bundled, "--out", tmp_path / "map.png"], cwd=tmp_path)
     assert (tmp_path / "map.png").stat().st_size > 0
+
+
+def test_importing_the_page_writes_nothing_into_the_package(tmp_path):
+    """Gradio writes typing stubs beside modules that subclass its components; the package stays as installed."""
+    copy = tmp_path / "vit_demo"
+    shutil.copytree(ROOT / "vit_demo", copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyi"))
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-B", "-c", "import vit_demo.ui"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before

@@ -10,7 +10,13 @@
 - `tools.py`: the public endpoints as MCP tools for agents.
 """
 
-from . import tools  # noqa: F401 - sets Gradio's MCP server right for endpoints that also return a State
-from .page import LAUNCH_KWARGS, build_demo, start_registry
+import gradio.component_meta as _component_meta
+
+# Gradio writes a typing stub (.pyi) beside every module that subclasses one of its components, at import: this
+# package's source tree stays as it was installed. The stubs only serve Gradio's own editor hints.
+_component_meta.create_or_modify_pyi = lambda component_class, class_name, events: None
+
+from . import tools  # noqa: E402, F401 - sets Gradio's MCP server right for endpoints that also return a State
+from .page import LAUNCH_KWARGS, build_demo, start_registry  # noqa: E402
 
 __all__ = ["LAUNCH_KWARGS", "build_demo", "start_registry"]
