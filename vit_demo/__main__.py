@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE.png", help="where to save the drawn map (.png, .jpg, .webp ...)")
     p.add_argument("--faithfulness", action="store_true", help="print the map's deletion and insertion AUCs and a random order's")
     p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="faithfulness: points per curve (default: one patch per step up to 49 patches, else 10 steps)")
+                   help="faithfulness: steps per curve, each changing about 1/N of the patches (default: one patch per step up to 49 patches, else 10 steps)")
     common(p)
 
     sub.add_parser("train", help="train the bundled Fashion-MNIST ViT (see train --help)", add_help=False)
