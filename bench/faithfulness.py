@@ -109,8 +109,10 @@ def score_images(clf: Classifier, crops: torch.Tensor) -> dict[str, dict[str, li
     targets, maps = batch_maps(clf, x)
     n = grid[0] * grid[1]
     for i in range(len(x)):
-        orders = {name: faith.ranking(maps[name][i]) for name in METHODS}
-        randoms = faith.random_orders(n)
+        # Each image its own random orders and its own shuffle of ties: the same order for every image would be a
+        # fixed spatial pattern, and Fashion-MNIST's clothes sit in the same place in every image.
+        orders = {name: faith.ranking(maps[name][i], seed=faith.TIE_SEED + i) for name in METHODS}
+        randoms = faith.random_orders(n, seed=faith.RANDOM_SEED + faith.RANDOM_ORDERS * i)
         out, ends, _ = faith.deletion_insertion(predict, x[i : i + 1], {**orders, **randoms}, int(targets[i]), grid, p, batch_size=1024)
         out[RANDOM] = faith.mean_scores([out[k] for k in randoms])
         # A random map for SaCo: values in a random order (one of the seeded orders, n for its first patch).
@@ -304,10 +306,12 @@ def markdown(r: dict) -> str:
         f"({t['steps']} steps over {t['patches']} patches); deletion sets them to 0 in normalised space (the mean grey), "
         "insertion puts them back into a Gaussian blur of the crop (sigma one patch). AUC by the trapezoid rule over "
         "[0, 1]. Lower deletion and higher insertion are better. The random order is the mean, per image, of "
-        f"{t.get('random_orders', 1)} seeded random orders; a map's ties are broken by a seeded shuffle of their own. "
+        f"{t.get('random_orders', 1)} random orders seeded for that image (other orders for each image); a map's ties "
+        "are broken by a shuffle seeded for the image too. "
         f"SaCo (Wu et al. 2024): the patches cut into {faith.SACO_GROUPS} groups in the map's order, each deleted "
         "alone; 1 when every group with more map weight has the larger effect on the probability, about 0 for a "
-        "random map (the random order's row scores a random map). ± is the standard error of the mean.",
+        "random map (the random order's row scores a map whose values follow the image's first random order). ± is "
+        "the standard error of the mean.",
         "",
         "| patch order | deletion AUC ↓ | insertion AUC ↑ | SaCo ↑ | images where deletion beats random | images where insertion beats random |",
         "|---|---:|---:|---:|---:|---:|",

@@ -144,6 +144,15 @@ def test_the_random_baseline_is_the_mean_of_several_seeded_orders():
     assert mean["curves"]["deletion"] == pytest.approx(np.mean([o["curves"]["deletion"] for o in out.values()], axis=0).tolist())
 
 
+def test_random_orders_of_another_seed_are_other_orders():
+    """The benchmark gives each image orders of its own: a seed gives the same orders every call, another seed
+    other ones."""
+    first, again, other = faith.random_orders(49, seed=3), faith.random_orders(49, seed=3), faith.random_orders(49, seed=6)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[j]) for k in first for j in other)
+    assert all(torch.equal(faith.random_orders(49)[k], faith.random_orders(49, seed=faith.RANDOM_SEED)[k]) for k in first)
+
+
 def test_saco_by_hand():
     # Wu et al. 2024, algorithm 1: pairs (i, j), i < j; weight s_i - s_j, negated where the effects disagree.
     # s = [3, 2, 1], effects [.5, .1, .3]: (0,1) agree +1, (0,2) agree +2, (1,2) disagree -1: (1 + 2 - 1) / 4.

@@ -73,9 +73,9 @@ def random_order(num_patches: int, seed: int = RANDOM_SEED) -> torch.Tensor:
     return torch.randperm(num_patches, generator=torch.Generator().manual_seed(seed))
 
 
-def random_orders(num_patches: int, count: int = RANDOM_ORDERS) -> dict[str, torch.Tensor]:
-    """The baseline's seeded orders, {"random 0": ..., ...}."""
-    return {f"random {i}": random_order(num_patches, RANDOM_SEED + i) for i in range(count)}
+def random_orders(num_patches: int, count: int = RANDOM_ORDERS, seed: int = RANDOM_SEED) -> dict[str, torch.Tensor]:
+    """The baseline's seeded orders (seeds `seed` ... `seed + count - 1`), {"random 0": ..., ...}."""
+    return {f"random {i}": random_order(num_patches, seed + i) for i in range(count)}
 
 
 def mean_scores(scores: list[dict]) -> dict:
