@@ -139,7 +139,7 @@ class Server:
 
     def __init__(self, model: Path, tmp: Path):
         env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
-               "HF_HUB_OFFLINE": "1"}
+               "HF_HUB_OFFLINE": "1", "VIT_DEMO_TRUSTED_HOPS": "1"}  # as on a Space: one proxy hop
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(model), str(self.port), str(ROOT)],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -280,8 +280,9 @@ def visitors(pw, model: Path, y4m: Path, photo: Path, tmp: Path, counts: tuple[i
         print(json.dumps({"idle_upload_ms": 1000 * result["idle_upload_s"]}), flush=True)
         for n in counts:
             contexts, pages = [], []
-            for _ in range(n):
-                context = browser.new_context(viewport={"width": 1280, "height": 1000}, permissions=["camera"])
+            for i in range(n):  # each page a visitor of its own, by the address the proxy hop forwards
+                context = browser.new_context(viewport={"width": 1280, "height": 1000}, permissions=["camera"],
+                                              extra_http_headers={"X-Forwarded-For": f"10.0.{n}.{i + 1}"})
                 context.set_default_timeout(120_000)
                 page = context.new_page()
                 page.goto(f"http://127.0.0.1:{server.port}/", wait_until="domcontentloaded")
