@@ -84,10 +84,22 @@ JS = """
 """
 # The key of a photo value in the browser: its server path (uploads are named by their content), "" for none.
 PHOTO_KEY = "(photo) => photo ? String(photo.path || photo.url || '') : ''"
-# Where the answer is out of view (a phone, whose single column puts it above the examples), scroll to it.
+# Where the answer to an example is out of view (a phone, whose single column puts it above the examples), scroll
+# to it once it has come (the page's height changes until then).
 SHOW_ANSWER_JS = """() => {
-  const answer = document.querySelector('#tabs-col');
-  if (answer && answer.getBoundingClientRect().top < 0) answer.scrollIntoView({block: 'start'});
+  const before = document.querySelector('#label')?.innerText;
+  const started = Date.now();
+  const wait = () => {
+    const answer = document.querySelector('#label .top-class');
+    const col = document.querySelector('#tabs-col');
+    if (answer && col && document.querySelector('#label').innerText !== before) {
+      const top = col.getBoundingClientRect().top;
+      if (top < 0 || top > window.innerHeight / 2) col.scrollIntoView({block: 'start'});
+    } else if (Date.now() - started < 30000) {
+      setTimeout(wait, 100);
+    }
+  };
+  wait();
 }"""
 LAUNCH_KWARGS = dict(css=CSS, js=JS, theme=gr.themes.Soft(), max_file_size=MAX_FILE_SIZE)
 
