@@ -579,3 +579,35 @@ def test_a_crowd_of_32_visitors(app):
     for api in ("explain", "faithfulness"):
         others = [(e, m) for e, m in outcomes[api] if not (e == "complete" or (e == "error" and m.startswith(BUSY)))]
         assert not others, others
+
+
+def test_a_heavy_job_runs_with_its_share_of_the_cpu_threads_and_others_keep_theirs(monkeypatch):
+    """Inside `heavy_cpu` the calling thread has the heavy lane's share of torch threads (half the cores over the
+    heavy jobs allowed at once); another thread keeps its own count meanwhile, and the count comes back after."""
+    import torch
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("VIT_DEMO_HEAVY_LIMIT", "2")
+    assert fair.heavy_threads() == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("VIT_DEMO_HEAVY_LIMIT", "1")
+    assert fair.heavy_threads() == 1
+    seen = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def heavy():
+        torch.set_num_threads(2)
+        with fair.heavy_cpu(torch.device("cpu")):
+            seen["inside"] = torch.get_num_threads()
+            inside.set()
+            release.wait(10)
+        seen["after"] = torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    thread = threading.Thread(target=heavy)
+    thread.start()
+    inside.wait(10)
+    seen["other thread meanwhile"] = torch.get_num_threads()
+    release.set()
+    thread.join(10)
+    assert seen == {"inside": 1, "other thread meanwhile": before, "after": 2}

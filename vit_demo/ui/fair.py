@@ -8,6 +8,8 @@
 - **Clients.** A client is a session, and also an address (behind a trusted proxy, the address its forwarded
   header names, `VIT_DEMO_TRUSTED_HOPS`). Each has a bound on the jobs it has waiting or running in each lane, on
   live streams, and on model switches a minute.
+- **CPU.** A heavy job on the CPU runs with its share of torch threads (`heavy_cpu`): the heavy lane's jobs
+  together use at most half the cores, and the other half stays for /classify and live frames.
 - **Callers that left.** A job whose caller never listened for its answer is dropped before it runs.
 - **The log.** Every log line (the app's, Gradio's, uvicorn's, asyncio's, and exceptions that escape the app's
   checks) goes through one rate limit: a few lines a minute for each kind, the rest counted; a traceback is
@@ -18,6 +20,7 @@ Figures are in the README ("Limits on a public Space"); `tests/test_crowd.py` ch
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
@@ -28,6 +31,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import gradio as gr
+import torch
 from gradio import route_utils
 from gradio.queueing import Event, Queue
 from gradio.server_messages import ProcessCompletedMessage
@@ -76,6 +80,28 @@ class Policy:
 
 
 CHEAP, HEAVY, PAGE = "cheap", "heavy", "page"
+
+
+def heavy_threads(policy: Policy | None = None) -> int:
+    """CPU threads one heavy job may use: together the heavy lane's jobs use at most half the cores, so that a
+    map, a score or the Inside walk never takes the cores /classify and live frames need."""
+    policy = policy or Policy.from_env()
+    return max(1, (os.cpu_count() or 1) // 2 // policy.heavy_limit)
+
+
+@contextlib.contextmanager
+def heavy_cpu(device: torch.device):
+    """Runs the block with `heavy_threads()` torch threads on the CPU. Torch's thread count is per calling thread
+    (OpenMP), so only this job's thread is changed, and it is put back after."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, heavy_threads()))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def lane(name: str) -> dict:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..checkpoint_checks import ATTENTION_BUDGET_BYTES, attention_bytes
 from ..classifier import Classifier
 from ..explain import HEAD_FUSIONS, METHODS, OPTIONS
-from . import checks
+from . import checks, fair
 from .common import Shared, need
 from .guard import DecodeBudget
 
@@ -93,6 +93,7 @@ def target_value(clf: Classifier, index: int) -> str:
 def attending(clf: Classifier):
     """Holds the memory one map of `clf` takes on the explicit attention path (checkpoint_checks.attention_bytes:
     copies x layers x heads x tokens² x 4 bytes) in the attention budget while the block runs; past the budget,
-    a request waits for its turn. A model whose one map exceeds the whole budget was refused at load."""
-    with ATTENTION.hold(attention_bytes(clf.config, clf.preprocessor.cfg.input_size)):
+    a request waits for its turn. A model whose one map exceeds the whole budget was refused at load. On the CPU
+    the block runs with the heavy lane's share of threads (`fair.heavy_cpu`)."""
+    with ATTENTION.hold(attention_bytes(clf.config, clf.preprocessor.cfg.input_size)), fair.heavy_cpu(clf.device):
         yield
