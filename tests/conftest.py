@@ -11,6 +11,7 @@ import hashlib
 import http.server
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -191,6 +192,22 @@ def launched(registry, tmp: Path):
             yield demo, url
         finally:
             demo.close(verbose=False)
+
+
+@contextlib.contextmanager
+def logged_to(log_file: Path):
+    """Every log line of the process (the app's, Gradio's, uvicorn's) also goes to `log_file`, at INFO."""
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        yield log_file
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
 
 
 def lay_out_hub_cache(hf_home: Path, repo_id: str, folder: Path, only: tuple[str, ...] | None = None) -> str:

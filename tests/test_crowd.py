@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, launched, rss_mb, wait_until
+from conftest import EXAMPLES, launched, logged_to, rss_mb, wait_until
 from conftest import raw_call as call
 from vit_demo.registry import BUNDLED_NAME, Registry
 from vit_demo.ui import fair, server
@@ -53,23 +53,14 @@ def p95(values: list[float]) -> float:
 def app(tmp_path_factory):
     """(demo, url, upload cache folder, a log file that every log line of the app reaches)."""
     tmp = tmp_path_factory.mktemp("crowd")
-    log_file = tmp / "app.log"
-    handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    old_level = root.level
-    root.setLevel(logging.INFO)
     env = {"VIT_DEMO_TRUSTED_HOPS": "1", "VIT_DEMO_HEAD_SECONDS": str(HEAD_SECONDS),
            "VIT_DEMO_BODY_IDLE_SECONDS": str(BODY_IDLE_SECONDS), "VIT_DEMO_UPLOAD_CACHE_MB": str(CACHE_CAP_MB),
            "VIT_DEMO_CLIENT_UPLOAD_MB": str(SHARE_MB)}
-    with pytest.MonkeyPatch.context() as mp:
+    with logged_to(tmp / "app.log") as log_file, pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
         with launched(Registry([BUNDLED_NAME], default=BUNDLED_NAME, device="cpu"), tmp) as (demo, url):
             yield demo, url, Path(demo.GRADIO_CACHE), log_file
-    root.removeHandler(handler)
-    root.setLevel(old_level)
 
 
 def visitor(n: int) -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 import socket
 import struct
 import threading
@@ -34,7 +33,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, launched
+from conftest import EXAMPLES, launched, logged_to
 from conftest import raw_call as call
 from vit_demo import decode
 from vit_demo.registry import BUNDLED_NAME, Registry
@@ -120,22 +119,11 @@ def send(url: str, data: bytes, name: str, headers: dict, inline: bool = False) 
 def app(tmp_path_factory):
     """(demo, url, a log file every log line of the app reaches)."""
     tmp = tmp_path_factory.mktemp("image-attacks")
-    log_file = tmp / "app.log"
-    handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    old_level = root.level
-    root.setLevel(logging.INFO)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("VIT_DEMO_TRUSTED_HOPS", "1")
-            mp.delenv("VIT_DEMO_FETCH_IMAGES", raising=False)
-            with launched(Registry([BUNDLED_NAME], default=BUNDLED_NAME, device="cpu"), tmp) as (demo, url):
-                yield demo, url, log_file
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
+    with logged_to(tmp / "app.log") as log_file, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VIT_DEMO_TRUSTED_HOPS", "1")
+        mp.delenv("VIT_DEMO_FETCH_IMAGES", raising=False)
+        with launched(Registry([BUNDLED_NAME], default=BUNDLED_NAME, device="cpu"), tmp) as (demo, url):
+            yield demo, url, log_file
 
 
 @pytest.fixture(scope="module")
