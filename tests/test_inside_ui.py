@@ -377,12 +377,12 @@ def _src(page, selector: str) -> str:
 def _click_patch(page, row: int, col: int, cell: int) -> None:
     """Clicks the middle of patch (row, col), from 0, on the picker, where Gradio's select maps it back."""
     img = page.locator("#inside-pick img").first
-    img.scroll_into_view_if_needed()
     box = img.bounding_box()
     nw, nh = page.evaluate("() => { const i = document.querySelector('#inside-pick img'); return [i.naturalWidth, i.naturalHeight]; }")
     r = min(box["width"] / nw, box["height"] / nh, 1)  # as Gradio's ImagePreview: fitted, never enlarged, centred
-    x0, y0 = box["x"] + (box["width"] - nw * r) / 2, box["y"] + (box["height"] - nh * r) / 2
-    page.mouse.click(x0 + (col + 0.5) * cell * r, y0 + (row + 0.5) * cell * r)
+    x0, y0 = (box["width"] - nw * r) / 2, (box["height"] - nh * r) / 2
+    # A position within the element: Playwright scrolls it into view and waits for it to stand still first.
+    img.click(position={"x": x0 + (col + 0.5) * cell * r, "y": y0 + (row + 0.5) * cell * r})
 
 
 @pytest.mark.parametrize("size", list(SIZES))

@@ -89,15 +89,20 @@ PHOTO_KEY = "(photo) => photo ? String(photo.path || photo.url || '') : ''"
 SHOW_ANSWER_JS = """() => {
   const before = document.querySelector('#label')?.innerText;
   const started = Date.now();
+  let moved = false;  // the visitor has tapped, scrolled or typed since: leave the page where they put it
+  const stop = () => { moved = true; };
+  const events = ['pointerdown', 'wheel', 'touchmove', 'keydown'];
+  setTimeout(() => events.forEach(e => window.addEventListener(e, stop, {once: true, passive: true})), 0);
   const wait = () => {
     const answer = document.querySelector('#label .top-class');
     const col = document.querySelector('#tabs-col');
-    if (answer && col && document.querySelector('#label').innerText !== before) {
+    const done = moved || (answer && col && document.querySelector('#label').innerText !== before);
+    if (done && !moved) {
       const top = col.getBoundingClientRect().top;
       if (top < 0 || top > window.innerHeight / 2) col.scrollIntoView({block: 'start'});
-    } else if (Date.now() - started < 30000) {
-      setTimeout(wait, 100);
     }
+    if (!done && Date.now() - started < 30000) setTimeout(wait, 100);
+    else events.forEach(e => window.removeEventListener(e, stop));
   };
   wait();
 }"""
