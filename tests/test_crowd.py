@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import EXAMPLES, launched, logged_to, rss_mb, wait_until
+from conftest import EXAMPLES, launched, logged_to, make_fruit_checkpoint, rss_mb, wait_until
 from conftest import raw_call as call
 from vit_demo.registry import BUNDLED_NAME, Registry
 from vit_demo.ui import fair, server
@@ -50,7 +50,14 @@ def p95(values: list[float]) -> float:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def registry(tmp_path_factory):
+    """The bundled model (the default) and a second listed model, for the model-cycling test."""
+    fruit = str(make_fruit_checkpoint(tmp_path_factory.mktemp("fruit")))
+    return Registry([BUNDLED_NAME, fruit], default=BUNDLED_NAME, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, registry):
     """(demo, url, upload cache folder, a log file that every log line of the app reaches)."""
     tmp = tmp_path_factory.mktemp("crowd")
     env = {"VIT_DEMO_TRUSTED_HOPS": "1", "VIT_DEMO_HEAD_SECONDS": str(HEAD_SECONDS),
@@ -59,7 +66,7 @@ def app(tmp_path_factory):
     with logged_to(tmp / "app.log") as log_file, pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        with launched(Registry([BUNDLED_NAME], default=BUNDLED_NAME, device="cpu"), tmp) as (demo, url):
+        with launched(registry, tmp) as (demo, url):
             yield demo, url, Path(demo.GRADIO_CACHE), log_file
 
 
@@ -296,6 +303,133 @@ def test_model_switches_count_against_a_clients_share():
         switches.check(False, 4, fair.Client("s3", "10.1.1.1"))  # a new session from the same address
     assert "switched models 4 times in the last minute" in str(info.value)
     switches.check(False, 4, other)
+
+
+def large_frame(width: int = 2300, height: int = 1700) -> str:
+    """A webcam-style frame as a data: URL, just under the 4-megapixel frame limit: the photo, enlarged, as JPEG."""
+    import base64
+
+    buf = io.BytesIO()
+    Image.open(CHELSEA).convert("RGB").resize((width, height), Image.BICUBIC).save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def raw_stream(url: str, frame: str, n: int, stop: threading.Event, counts: dict, lock: threading.Lock) -> None:
+    """One live stream driven without the page, as an attacker would: joins the private `live` event, then posts
+    the next frame as soon as each answer comes, until `stop` (or the stream ends); counts what it gets."""
+    import json
+
+    headers, session = visitor(300 + n), f"raw-stream-{n}"
+    config = httpx.get(f"{url}config", headers=headers).json()
+    fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "live")
+    body = {"data": [{"url": frame}, None, False, None], "fn_index": fn_index, "session_hash": session}
+    with httpx.Client(timeout=TIMEOUT, headers=headers) as http:
+        joined = http.post(f"{url}gradio_api/queue/join", json=body)
+        if joined.status_code != 200:
+            with lock:
+                counts["refused at join"] += 1
+            return
+        event_id = joined.json()["event_id"]
+        with http.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session}) as events:
+            for line in events.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                message = json.loads(line[5:])
+                kind = message.get("msg")
+                if kind == "process_streaming":
+                    with lock:
+                        counts["frames answered"] += 1
+                    if stop.is_set():
+                        break
+                    http.post(f"{url}gradio_api/stream/{event_id}", json=body)
+                elif kind == "process_completed":
+                    with lock:
+                        counts["ended" if message.get("success") else "refused"] += 1
+                    return
+        http.post(f"{url}gradio_api/stream/{event_id}/close")
+
+
+def count_streams(demo, stop: threading.Event, running: list) -> None:
+    """Every 0.1 s until `stop`: how many live streams the server is running."""
+    while not stop.is_set():
+        running.append(sum(event.streaming for job in demo._queue.active_jobs for event in (job or ())))
+        time.sleep(0.1)
+
+
+def test_sixteen_raw_live_streams_of_large_frames_leave_classify_served(app):
+    """16 clients drive the live stream without the page, each posting a 3.9-megapixel frame as soon as the last
+    is answered, for 15 s: at most the policy's streams run at once (the rest wait or are refused), and a
+    visitor's /classify is answered every time, with p95 within 3x idle."""
+    demo, url, _, _ = app
+    me = visitor(31)
+    photo = photo_of(url, 31)
+    classify_times(url, photo, 3, me)
+    idle, _ = classify_times(url, photo, 20, me)
+    frame = large_frame()
+    stop, lock = threading.Event(), threading.Lock()
+    counts = {"frames answered": 0, "refused at join": 0, "refused": 0, "ended": 0}
+    running, threads = [], [threading.Thread(target=raw_stream, args=(url, frame, n, stop, counts, lock))
+                            for n in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)  # the streams have joined and the first frames are being answered
+        watch = threading.Thread(target=count_streams, args=(demo, stop, running))
+        watch.start()
+        loaded, failed = classify_times(url, photo, 40, me)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        watch.join(TIMEOUT)
+    print(f"\nframe {len(frame) // 1024} kB as a data URL; idle p95 {p95(idle) * 1000:.0f} ms, with 16 raw streams "
+          f"{p95(loaded) * 1000:.0f} ms; {counts}; streams running at once: at most {max(running)}")
+    assert counts["frames answered"] > 0, counts
+    assert max(running) <= demo._queue.policy.streams, running
+    assert failed == 0
+    assert p95(loaded) <= 3 * p95(idle) + 0.3, (p95(loaded), p95(idle))
+
+
+def test_four_clients_cycling_models_neither_evict_nor_starve_a_visitor(app, registry):
+    """4 clients switch between the two listed models on every /classify for 15 s, while a visitor classifies
+    with the default: no model is loaded or evicted meanwhile (both fit; switching between loaded models is not a
+    load), every request is answered or refused in a sentence, and the visitor's p95 stays within 3x idle."""
+    _, url, _, _ = app
+    names = list(registry.choices)
+    for name in names:
+        registry.get(name)
+    loaded = sorted(registry.loaded())
+    me = visitor(32)
+    photo = photo_of(url, 32)
+    classify_times(url, photo, 3, me)
+    idle, _ = classify_times(url, photo, 20, me)
+    stop, lock, outcomes = threading.Event(), threading.Lock(), []
+
+    def cycle(k: int):
+        i = k
+        while not stop.is_set():
+            event, out = call(url, "classify", [photo, 5, names[i % len(names)]], visitor(400 + k))
+            with lock:
+                outcomes.append((event, str(out)[:200]))
+            i += 1
+
+    threads = [threading.Thread(target=cycle, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        busy, failed = classify_times(url, photo, 40, me)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(TIMEOUT)
+    answered = sum(e == "complete" for e, _ in outcomes)
+    print(f"\nidle p95 {p95(idle) * 1000:.0f} ms, with 4 clients cycling {p95(busy) * 1000:.0f} ms; "
+          f"{answered} of {len(outcomes)} cycling requests answered")
+    assert sorted(registry.loaded()) == loaded
+    assert failed == 0 and answered > 0
+    assert all(e == "complete" or (e == "error" and "switched models" in m) for e, m in outcomes), outcomes[:5]
+    assert p95(busy) <= 3 * p95(idle) + 0.3, (p95(busy), p95(idle))
 
 
 # --- connections --------------------------------------------------------------------------------------------------
