@@ -56,6 +56,22 @@ def test_a_webcam_frame_is_read_from_its_header():
     assert read_frame(_data_url(Image.new("L", (8, 6)), "WEBP")).format == "WEBP"
 
 
+@pytest.mark.parametrize("size, decoded", [((640, 480), (640, 480)), ((1280, 960), (640, 480)),
+                                            ((2300, 1700), (1150, 850)), ((1700, 2300), (850, 1150)),
+                                            ((1000, 700), (1000, 700))])
+def test_a_large_jpeg_frame_is_decoded_at_a_reduced_scale_that_keeps_640x480(size, decoded):
+    """JPEG's own 1/2, 1/4, 1/8 scales: the largest reduction that keeps at least 640x480 (either way up); a frame
+    of that size or one that a reduction would take below it is decoded whole. The picture is the same, smaller."""
+    from vit_demo.ui.guard import read_frame
+
+    photo = Image.open(EXAMPLES / "chelsea.jpg").convert("RGB").resize(size, Image.BICUBIC)
+    frame = read_frame(_data_url(photo, quality=92))
+    image = frame.decode()
+    assert frame.size == size and image.size == decoded and image.mode == "RGB"
+    full = np.asarray(photo.resize(decoded, Image.BOX), dtype=np.float32)
+    assert np.abs(np.asarray(image, dtype=np.float32) - full).mean() < 6  # the same picture, at the smaller scale
+
+
 def test_frames_that_are_not_webcam_frames_are_refused_in_one_sentence():
     from vit_demo.ui.guard import FRAME_TOO_LARGE as TOO_LARGE, FRAME_UNREADABLE as UNREADABLE, NOT_A_FRAME
 

@@ -381,6 +381,9 @@ def _save_bytes_once(data: bytes, path: Path) -> str:
 # Live webcam frames: the streaming input sends data: URLs, checked here like uploads.
 MAX_FRAME_MEGAPIXELS = 4
 MAX_FRAME_BYTES = 8 * 1024**2  # encoded; the request limit (server.BODY_BYTES) is tighter still
+# A JPEG frame larger than this is decoded at the largest reduced scale (1/2, 1/4 or 1/8, JPEG's own) that still
+# keeps this size: more than any model's crop needs, and a 4-megapixel frame costs a third of its full decode.
+DRAFT_SIZE = (640, 480)
 FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 MODES = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2, "P": 1, "CMYK": 4, "YCbCr": 3}  # 8-bit modes, bytes per pixel
 NOT_A_FRAME = ("Live mode takes webcam frames from the page as JPEG, PNG or WebP data URLs: start the webcam in "
@@ -401,12 +404,15 @@ class Frame:
 
     @property
     def nbytes(self) -> int:
-        """Bytes its decoded pixels take."""
+        """Bytes its decoded pixels take (at most: a large JPEG is decoded smaller)."""
         return self.size[0] * self.size[1] * MODES[self.mode]
 
     def decode(self) -> Image.Image:
+        """The frame's pixels; a JPEG larger than DRAFT_SIZE at a reduced scale that keeps DRAFT_SIZE."""
         try:
             image = Image.open(io.BytesIO(self.data), formats=[self.format])
+            if self.format == "JPEG":
+                image.draft(image.mode, DRAFT_SIZE)
             image.load()
             return image
         except Exception as e:  # noqa: BLE001 - whatever the decoder raises, one sentence

@@ -27,7 +27,8 @@ share forward passes. With the map on, one pass of the explicit attention path g
 map (that path returns the attention maps, which the batched runtime does not).
 
 Frames are hostile input like any upload: `guard.LiveFrame` takes only a JPEG, PNG or WebP data: URL, reads its header
-before decoding, refuses frames over MAX_FRAME_MEGAPIXELS, and decodes under the page's decode budget. The map
+before decoding, refuses frames over MAX_FRAME_MEGAPIXELS, and decodes under the page's decode budget (a JPEG
+over 640x480 at JPEG's own reduced scale that keeps 640x480: no model's crop needs more). The map
 leaves inline (`LiveMap`, a data: URL): a stream writes nothing to the cache.
 """
 
