@@ -223,6 +223,14 @@ def test_heavy_requests_past_the_lane_are_refused_with_a_sentence(app, monkeypat
         assert event == "error" and message.startswith(BUSY) and "requests ahead, try again in about" in message
         own = call(url, "classify", [photo, 5, None], visitor(21))
         assert own[0] == "complete", own
+        # The refused client retries at once: held until the time it was told, then looked at again.
+        held = queue.retry_hold.held
+        again = call(url, "explain", explain_data(photo, "attention"), visitor(20))
+        assert again[0] == "error" and again[1].startswith(BUSY), again
+        assert queue.retry_hold.held == held + 1
+        # Its cheap requests are never held.
+        assert call(url, "classify", [photo, 5, None], visitor(20))[0] == "complete"
+        assert queue.retry_hold.held == held + 1
     finally:
         release.set()
         results = [j.result(TIMEOUT) for j in jobs]
@@ -736,3 +744,61 @@ def test_a_heavy_job_runs_with_its_share_of_the_cpu_threads_and_others_keep_thei
     release.set()
     thread.join(10)
     assert seen == {"inside": 1, "other thread meanwhile": before, "after": 2}
+
+
+def test_a_client_told_busy_that_retries_at_once_waits_out_the_time_it_was_told():
+    """RetryHold: after "busy ... try again in about T s", that client's next heavy request waits until T has
+    passed (at most RETRY_HOLD_S), whichever of its session or address it comes from; another client does not
+    wait; what it keeps is bounded."""
+    import asyncio
+
+    hold = fair.RetryHold(limit=100)
+    me, other = fair.Client("s1", "10.9.0.1"), fair.Client("s2", "10.9.0.2")
+    hold.told(me, 0.6)
+
+    async def timed(client):
+        t = time.monotonic()
+        await hold.wait(client)
+        return time.monotonic() - t
+
+    assert asyncio.run(timed(other)) < 0.3 and hold.held == 0
+    assert asyncio.run(timed(fair.Client("s3", "10.9.0.1"))) >= 0.5 and hold.held == 1  # a new session, same address
+    assert asyncio.run(timed(me)) < 0.3  # the time has passed
+    hold.told(me, 3600)
+    assert max(hold._until.values()) - time.monotonic() <= fair.RETRY_HOLD_S
+    for n in range(300):  # holds still running, from more clients than it keeps
+        hold.told(fair.Client("", f"10.8.{n // 250}.{n % 250}"), 1)
+    assert len(hold._until) <= 100
+
+
+def test_a_heavy_job_pauses_at_its_blocks_while_cheap_work_runs():
+    """While cheap work runs, a heavy job pauses on entering `heavy_cpu`, at the end of each block of its forward
+    pass and where its backward pass reaches each block: 1 + 2 x depth pauses, each at most PAUSE_S. Without
+    cheap work it never pauses; a shared pass (the Batcher's, other callers wait on it) never pauses; a thread
+    that is not a heavy job's never pauses."""
+    import torch
+
+    from vit_demo.classifier import load_classifier
+    from vit_demo.registry import BUNDLED
+
+    clf = load_classifier(BUNDLED, device="cpu")
+    depth = clf.config.depth
+    x = clf.preprocessor.normalize(clf.crop(Image.open(EXAMPLES / "chelsea.jpg")))
+    cpu = torch.device("cpu")
+
+    def heavy(shared: bool = False) -> int:
+        before = fair.PRIORITY.pauses
+        with fair.heavy_cpu(cpu):
+            if shared:
+                clf.runtime(x)
+            else:
+                clf.model(x.requires_grad_(True))[0].sum().backward()
+        return fair.PRIORITY.pauses - before
+
+    assert heavy() == 0
+    with fair.PRIORITY.cheap_work():
+        assert heavy() == 1 + 2 * depth
+        assert heavy(shared=True) == 1  # on entering only
+        before = fair.PRIORITY.pauses
+        clf.model(x)  # not a heavy job's thread
+        assert fair.PRIORITY.pauses == before

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -240,6 +241,17 @@ class GraphedForward:
         return self.static_y.clone()
 
 
+_PASS = threading.local()
+# One classification pass at a time on the CPU, whichever model it is for: two passes at once would each run
+# with every core's threads, and wait for each other at every parallel step.
+CPU_TURN = threading.Lock()
+
+
+def in_shared_pass() -> bool:
+    """Whether this thread is running a Batcher's pass now: other callers wait on it, so nothing should hold it."""
+    return getattr(_PASS, "running", False)
+
+
 class Batcher:
     """Lets concurrent callers share forward passes: dynamic batching without a timer.
 
@@ -251,9 +263,11 @@ class Batcher:
     a pass that fails anyway gives each of its callers an exception of its own, chained to the original.
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int = MAX_BATCH):
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int = MAX_BATCH,
+                 turn: contextlib.AbstractContextManager | None = None):
         self.forward = forward
         self.max_batch = max_batch
+        self.turn = turn or contextlib.nullcontext()  # held while a pass runs: shared with other models' Batchers
         self._cond = threading.Condition()
         self._waiting: list[_Request] = []
         self._busy = False
@@ -271,10 +285,14 @@ class Batcher:
                 if request.done:
                     return request.result()
                 self._busy = True
-                batch = self._take_batch()
             try:
-                self._run(batch)
+                with self.turn:  # inputs that arrive while this waits for its turn join its batch
+                    with self._cond:
+                        batch = self._take_batch()
+                    _PASS.running = True
+                    self._run(batch)
             finally:
+                _PASS.running = False
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
@@ -342,7 +360,7 @@ class Runtime:
         self.cuda_graphs = cuda_graphs and device.type == "cuda" and not os.environ.get("SPACES_ZERO_GPU")
         self._graphs: dict[tuple[int, ...], GraphedForward] = {}
         forward = weakref.WeakMethod(self._forward)  # no cycle: an evicted model's memory is freed at once
-        self.batcher = Batcher(lambda x: forward()(x), max_batch)
+        self.batcher = Batcher(lambda x: forward()(x), max_batch, turn=CPU_TURN if device.type == "cpu" else None)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

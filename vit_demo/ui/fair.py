@@ -5,11 +5,14 @@
   explicit attention path, gradients or many forward passes: maps, scores, Compare, Inside, loading a model) and
   `page` (small follow-ups of the page). Each lane has its own bounded wait; a heavy request past it is refused at
   once with "busy: N requests ahead, try again in about T s", so heavy work never takes the room of cheap work.
+  A client that sends another heavy request before T has passed is held until then (`RetryHold`), so that
+  retrying in a loop costs the server one look every few seconds.
 - **Clients.** A client is a session, and also an address (behind a trusted proxy, the address its forwarded
   header names, `VIT_DEMO_TRUSTED_HOPS`). Each has a bound on the jobs it has waiting or running in each lane, on
   live streams, and on model switches a minute.
 - **CPU.** A heavy job on the CPU runs with its share of torch threads (`heavy_cpu`): the heavy lane's jobs
-  together use at most half the cores, and the other half stays for /classify and live frames.
+  together use at most half the cores. While a cheap pass runs (`cheap_cpu`), heavy jobs pause at their next
+  transformer block, forward or backward, for at most PAUSE_S at a time: cheap work goes first.
 - **Callers that left.** A job whose caller never listened for its answer is dropped before it runs.
 - **The log.** Every log line (the app's, Gradio's, uvicorn's, asyncio's, and exceptions that escape the app's
   checks) goes through one rate limit: a few lines a minute for each kind, the rest counted; a traceback is
@@ -20,6 +23,7 @@ Figures are in the README ("Limits on a public Space"); `tests/test_crowd.py` ch
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
@@ -37,7 +41,8 @@ from gradio.queueing import Event, Queue
 from gradio.server_messages import ProcessCompletedMessage
 from gradio.utils import error_payload
 
-from ..runtime import MAX_BATCH
+from ..model import Block
+from ..runtime import MAX_BATCH, in_shared_pass
 
 log = logging.getLogger("vit_demo.ui")
 
@@ -89,19 +94,96 @@ def heavy_threads(policy: Policy | None = None) -> int:
     return max(1, (os.cpu_count() or 1) // 2 // policy.heavy_limit)
 
 
+PAUSE_S = 0.25  # the longest a heavy job waits at one block boundary for cheap work to finish
+
+
+class _Priority:
+    """Cheap work first on the CPU: while a cheap pass (/classify, a live frame) runs, a heavy job pauses at the
+    next transformer block it enters in its forward pass, and at the next block boundary of its backward pass,
+    for at most PAUSE_S each time, so that it never holds the cores a visitor's answer waits for, yet always
+    moves on. Heavy jobs mark their thread (`heavy_cpu`); the hook below checks the mark, so cheap passes run
+    through it untouched."""
+
+    def __init__(self):
+        self.cheap = 0
+        self.pauses = 0  # taken so far, for tests and benchmarks
+        self._cond = threading.Condition()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def cheap_work(self):
+        with self._cond:
+            self.cheap += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.cheap -= 1
+                if self.cheap == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def heavy_thread(self):
+        self._local.heavy = True
+        try:
+            yield
+        finally:
+            self._local.heavy = False
+
+    def pause(self) -> None:
+        """In a heavy job's thread: waits while cheap work runs (at most PAUSE_S); anywhere else: nothing."""
+        if not getattr(self._local, "heavy", False) or not self.cheap or in_shared_pass():
+            return  # a shared pass (the served logits a map names) has other callers waiting on it
+        with self._cond:
+            self.pauses += 1
+            self._cond.wait_for(lambda: self.cheap == 0, timeout=PAUSE_S)
+
+    def block_hook(self, module, args, output) -> None:
+        """A global forward hook: at the end of each transformer block of a heavy job, a pause, and one more
+        where the backward pass reaches that block's output."""
+        if not getattr(self._local, "heavy", False) or not isinstance(module, Block):
+            return
+        self.pause()
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(self._backward_pause)
+
+    def _backward_pause(self, grad):
+        self.pause()
+        return None
+
+
+PRIORITY = _Priority()
+# Global, so that every model's blocks have it without touching a model another thread may be running.
+torch.nn.modules.module.register_module_forward_hook(PRIORITY.block_hook)
+
+
 @contextlib.contextmanager
 def heavy_cpu(device: torch.device):
-    """Runs the block with `heavy_threads()` torch threads on the CPU. Torch's thread count is per calling thread
-    (OpenMP), so only this job's thread is changed, and it is put back after."""
+    """Runs the block with `heavy_threads()` torch threads on the CPU, pausing for cheap work (`_Priority`).
+    Torch's thread count is per calling thread (OpenMP), so only this job's thread is changed, and it is put
+    back after."""
     if device.type != "cpu":
         yield
         return
     before = torch.get_num_threads()
     torch.set_num_threads(min(before, heavy_threads()))
     try:
-        yield
+        with PRIORITY.heavy_thread():
+            PRIORITY.pause()
+            yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def cheap_cpu(device: torch.device):
+    """Runs a cheap pass (/classify, a live frame): on the CPU, heavy jobs pause for it at their next block."""
+    if device.type != "cpu":
+        yield
+        return
+    with PRIORITY.cheap_work():
+        yield
 
 
 def lane(name: str) -> dict:
@@ -180,8 +262,40 @@ LISTENERS = Listeners()
 
 # --- the queue ----------------------------------------------------------------------------------------------------
 
+RETRY_HOLD_S = 5.0  # the longest a heavy request of a client just told "busy" is held before it is looked at
+
+
 def busy(ahead: int, seconds: float) -> str:
     return f"busy: {ahead} requests ahead, try again in about {max(1, round(seconds))} s."
+
+
+class RetryHold:
+    """A client told "busy" that sends another heavy request within RETRY_HOLD_S (at most) first waits out that
+    time, holding nothing but its connection, and is then admitted or refused as anyone else: a client that
+    retries at once, in a loop, costs the server one look every few seconds instead of hundreds a minute. Its
+    first refusal is immediate, and its cheap requests (/classify, live frames) are never held."""
+
+    def __init__(self, limit: int = 10_000):
+        self._until: dict[str, float] = {}
+        self.limit = limit
+        self.held = 0  # requests held so far, for tests and benchmarks
+
+    def _keys(self, client: Client) -> set[str]:
+        return {f"s:{client.session}" if client.session else "", f"a:{client.address}"} - {""}
+
+    def told(self, client: Client, seconds: float) -> None:
+        now = time.monotonic()
+        if len(self._until) >= self.limit:  # forget the expired holds, and past the limit the soonest to expire
+            live = sorted((t, k) for k, t in self._until.items() if t > now)[-(self.limit // 2):]
+            self._until = {k: t for t, k in live}
+        for key in self._keys(client):
+            self._until[key] = now + min(max(seconds, 0.5), RETRY_HOLD_S)
+
+    async def wait(self, client: Client) -> None:
+        wait = max((self._until.get(k, 0.0) for k in self._keys(client)), default=0.0) - time.monotonic()
+        if wait > 0:
+            self.held += 1
+            await asyncio.sleep(wait)
 
 
 class FairQueue(Queue):
@@ -193,6 +307,8 @@ class FairQueue(Queue):
         self.policy = policy or Policy.from_env()
         self.lane_seconds = {CHEAP: 0.2, HEAVY: 2.0, PAGE: 0.1}  # mean run time, for the "try again" estimate
         self.stream_starts: dict[Client, deque] = defaultdict(deque)
+        self.retry_hold = RetryHold()
+        self.busy_s = 0.0  # the wait named in the last "busy" refusal
         self.dropped = 0
         self._last_drop = 0.0
 
@@ -261,7 +377,8 @@ class FairQueue(Queue):
         limit = self.limit_of(name)
         if waiting >= room and (limit is None or running >= limit):
             ahead = waiting + running
-            return busy(ahead, (ahead + 1) * self.lane_seconds[name] / max(1, limit or 1))
+            self.busy_s = (ahead + 1) * self.lane_seconds[name] / max(1, limit or 1)
+            return busy(ahead, self.busy_s)
         return None
 
     async def push(self, body, request, username):
@@ -270,7 +387,11 @@ class FairQueue(Queue):
         except Exception:  # Gradio says what is wrong with the request itself
             return await super().push(body, request, username)
         client = Client(body.session_hash or "", address(request.scope))
+        if lane_of(fn) == HEAVY:
+            await self.retry_hold.wait(client)
         why = self.refusal(fn, client)
+        if why is not None and why.startswith("busy:"):
+            self.retry_hold.told(client, self.busy_s)  # the "try again in about T s" it was just told
         if why is None:
             if fn.connection == "stream":
                 self.stream_starts[client].append(time.monotonic())
@@ -321,8 +442,10 @@ class FairQueue(Queue):
     async def process_events(self, events, batch, begin_time, fn) -> None:
         token = current_client.set(client_of(events[0]))
         start = time.monotonic()
+        cheap = lane_of(fn) == CHEAP and fn.connection != "stream"
         try:
-            await super().process_events(events, batch, begin_time, fn)
+            with PRIORITY.cheap_work() if cheap else contextlib.nullcontext():
+                await super().process_events(events, batch, begin_time, fn)
         finally:
             current_client.reset(token)
             if fn.connection != "stream":

@@ -150,13 +150,14 @@ def build(shared: Shared) -> None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         clf = shared.classifier(model)
         start = time.perf_counter()
-        with BUDGET.hold(frame.nbytes):  # the decode only: the frame is dropped once cropped
+        with BUDGET.hold(frame.nbytes), fair.cheap_cpu(clf.device):  # the decode only: the frame is dropped once cropped
             crop = clf.crop(frame.decode())
         if show_map is True:
             with attending(clf):
                 top, overlay = attention_map(clf, crop, TOP_K)
         else:
-            top, overlay = clf.predict(crop, k=TOP_K), gr.skip()
+            with fair.cheap_cpu(clf.device):
+                top, overlay = clf.predict(crop, k=TOP_K), gr.skip()
         done = time.perf_counter()
         stats = rates(stats, done, 1000 * (done - start))
         info = rates_line(shared.display_name(model), stats, frame.size, clf)
