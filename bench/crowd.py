@@ -361,9 +361,10 @@ def render(figures: dict) -> str:
     lines = ["## Under a crowd: a visitor's /classify while others attack", "",
              "Written by `python bench/crowd.py` (figures in BENCHMARKS-crowd.json). Nothing here is typed by hand.", "",
              f"Measured on {figures['date']} ({figures['machine']}), {figures['seconds']:.0f} s per attack, the app "
-             "in its own process (`python app.py`, float32, one trusted proxy hop), everything on 127.0.0.1. The "
-             "visitor classifies photos no cache has seen, one after the other; its latency is the call's alone. "
-             "Ratios are to the idle p95 of the same run.", ""]
+             "in its own process (`python app.py`, float32, one trusted proxy hop), everything on 127.0.0.1: the "
+             "attacking clients run on the same cores as the server. The visitor classifies photos no cache has "
+             "seen, one after the other; its latency is the call's alone. Ratios are to the idle p95 of the same "
+             "run.", ""]
     for label, results in figures["models"].items():
         idle = results["idle"]["p95_ms"]
         lines += [f"### {label}", "",
