@@ -7,14 +7,17 @@ Writes its own section of BENCHMARKS.md, between `<!-- crowd:start -->` and `<!-
 
 The app runs as `python app.py` in its own process, trusting one proxy hop (VIT_DEMO_TRUSTED_HOPS=1) as on a
 Space, so that each simulated client is its own by the X-Forwarded-For it sends. The visitor classifies photos no
-cache has seen (one pixel changed each), one after the other, and its latency is that of the call alone (the
+cache has seen (a text chunk of its own each), one after the other, and its latency is that of the call alone (the
 upload is done before). Every attack runs against 127.0.0.1 for the same time:
 
 - heavy flood: one client posts 5 /faithfulness requests a second and never reads an answer;
 - 8 explain clients: each loops /explain (relevance) on photos of its own;
 - 5,000 half-open connections: each sends part of a request head and then nothing;
 - disk flood: one client uploads distinct 19 MB blobs as fast as it can;
+- 4 clients classifying: 4 clients each loop /classify with the default model (what cycling is compared with);
 - model cycling: 4 clients each switch between the listed models on every /classify.
+
+`--only "model cycling"` runs one attack (and idle) for a quick look, writing nothing.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ from sections import write_section  # noqa: E402
 PHOTO = ROOT / "examples" / "chelsea.jpg"
 BUNDLED = "vit_demo/weights/vit-fashion-mnist"
 TIMEOUT = 300
-ATTACKS = ("idle", "heavy flood", "8 explain clients", "5,000 half-open connections", "disk flood", "model cycling")
+ATTACKS = ("idle", "heavy flood", "8 explain clients", "5,000 half-open connections", "disk flood",
+           "4 clients classifying", "model cycling")
 
 
 def free_port() -> int:
@@ -264,14 +268,18 @@ def disk_flood(app: App, stop: threading.Event, photos: list[dict]) -> dict:
     return {"accepted": accepted, "refused": refused, "upload cache at the end (MB)": round(cache / 2**20)}
 
 
-def model_cycling(app: App, stop: threading.Event, photos: list[dict]) -> dict:
+def four_classifying(app: App, stop: threading.Event, photos: list[dict]) -> dict:
+    return model_cycling(app, stop, photos, cycle=False)
+
+
+def model_cycling(app: App, stop: threading.Event, photos: list[dict], cycle: bool = True) -> dict:
     counts = {"answered": 0, "refused": 0}
     lock = threading.Lock()
 
     def loop(k: int):
         i = k
         while not stop.is_set():
-            name = app.names[i % len(app.names)]
+            name = app.names[i % len(app.names) if cycle else 0]
             event, out = call(app.url, "classify", [photos[i % len(photos)], 5, name], client(200 + k))
             i += 1
             with lock:
@@ -283,7 +291,8 @@ def model_cycling(app: App, stop: threading.Event, photos: list[dict]) -> dict:
 
 
 ATTACK_FNS = {"heavy flood": heavy_flood, "8 explain clients": explain_clients,
-              "5,000 half-open connections": half_open, "disk flood": disk_flood, "model cycling": model_cycling}
+              "5,000 half-open connections": half_open, "disk flood": disk_flood,
+              "4 clients classifying": four_classifying, "model cycling": model_cycling}
 
 
 def visitor(app: App, seconds: float, seed: int) -> dict:
