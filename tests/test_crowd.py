@@ -764,6 +764,12 @@ def test_a_client_told_busy_that_retries_at_once_waits_out_the_time_it_was_told(
     assert asyncio.run(timed(other)) < 0.3 and hold.held == 0
     assert asyncio.run(timed(fair.Client("s3", "10.9.0.1"))) >= 0.5 and hold.held == 1  # a new session, same address
     assert asyncio.run(timed(me)) < 0.3  # the time has passed
+
+    async def two_at_once(client):  # the second request while the first is held is not held
+        return await asyncio.gather(timed(client), timed(client))
+
+    hold.told(me, 0.6)
+    assert sorted(asyncio.run(two_at_once(me)))[0] < 0.3 and hold.held == 2
     hold.told(me, 3600)
     assert max(hold._until.values()) - time.monotonic() <= fair.RETRY_HOLD_S
     for n in range(300):  # holds still running, from more clients than it keeps

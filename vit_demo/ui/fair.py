@@ -273,10 +273,12 @@ class RetryHold:
     """A client told "busy" that sends another heavy request within RETRY_HOLD_S (at most) first waits out that
     time, holding nothing but its connection, and is then admitted or refused as anyone else: a client that
     retries at once, in a loop, costs the server one look every few seconds instead of hundreds a minute. Its
-    first refusal is immediate, and its cheap requests (/classify, live frames) are never held."""
+    first refusal is immediate, only one of its requests is held at a time, and its cheap requests (/classify,
+    live frames) are never held."""
 
     def __init__(self, limit: int = 10_000):
         self._until: dict[str, float] = {}
+        self._holding: set[str] = set()  # clients with a request held now
         self.limit = limit
         self.held = 0  # requests held so far, for tests and benchmarks
 
@@ -292,10 +294,18 @@ class RetryHold:
             self._until[key] = now + min(max(seconds, 0.5), RETRY_HOLD_S)
 
     async def wait(self, client: Client) -> None:
-        wait = max((self._until.get(k, 0.0) for k in self._keys(client)), default=0.0) - time.monotonic()
-        if wait > 0:
-            self.held += 1
+        """Waits out the client's hold, if it has one. One request per client is held at a time: a second one
+        while the first waits is looked at at once, so that holds never pin more than one connection each."""
+        keys = self._keys(client)
+        wait = max((self._until.get(k, 0.0) for k in keys), default=0.0) - time.monotonic()
+        if wait <= 0 or keys & self._holding:
+            return
+        self.held += 1
+        self._holding |= keys
+        try:
             await asyncio.sleep(wait)
+        finally:
+            self._holding -= keys
 
 
 class FairQueue(Queue):
