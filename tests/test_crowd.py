@@ -238,6 +238,51 @@ def test_heavy_requests_past_the_lane_are_refused_with_a_sentence(app, monkeypat
     assert [e for e, _ in results] == ["complete"] * 3, results
 
 
+def test_a_flood_of_new_sessions_never_takes_the_queue_of_a_waiting_job(app, monkeypatch):
+    """Gradio keeps the messages of a bounded number of sessions, and every call without a session makes one.
+    A flood of such calls once pushed out the store of a session whose job was waiting, and the queue's loop
+    then stopped for everyone ("Queue is stopped."). Here with a store of 30 sessions and 120 calls: the
+    waiting job is answered, the flood is answered, and the queue still serves."""
+    demo, url, _, _ = app
+    queue = demo._queue
+    clf = demo.registry.get(BUNDLED_NAME)
+    release, started = threading.Event(), []
+    maps = clf.maps
+
+    def held(*args, **kwargs):
+        started.append(1)
+        release.wait(TIMEOUT)
+        return maps(*args, **kwargs)
+
+    monkeypatch.setattr(clf, "maps", held)
+    monkeypatch.setattr(queue.pending_messages_per_session, "max_size", 30)
+    photo = photo_of(url, 5)
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(call, url, "explain", explain_data(photo, "attention"), visitor(50))
+        wait_until(lambda: started, TIMEOUT)
+        waiting = pool.submit(call, url, "explain", explain_data(photo, "rollout"), visitor(51))
+        wait_until(lambda: len(queue.event_queue_per_concurrency_id["heavy"].queue) >= 1, TIMEOUT)
+        flood = list(pool.map(lambda n: call(url, "classify", [photo, 5, None], visitor(60 + n % 20))[0], range(120)))
+        release.set()
+        results = [first.result(TIMEOUT)[0], waiting.result(TIMEOUT)[0]]
+    assert results == ["complete", "complete"], results
+    assert flood.count("complete") == 120, flood
+    assert len(queue.pending_messages_per_session) <= 30
+    assert call(url, "classify", [photo, 5, None], visitor(52))[0] == "complete"
+
+
+def test_a_session_store_forgets_idle_sessions_first():
+    pending = {"tab": {"event-1"}}
+    store = fair.SessionQueues(3, pending)
+    store["tab"] = "its messages"
+    for n in range(10):
+        store[f"throwaway-{n}"] = n
+    assert "tab" in store and len(store) == 3
+    pending["tab"] = set()  # its job is done: now it may go
+    store["one-more"] = 0
+    assert "tab" not in store and len(store) == 3
+
+
 def test_one_client_is_bounded_across_its_sessions(app):
     """A client (an address) holds at most its share of a lane, however many sessions it opens; the next gets a
     sentence. Checked on the policy itself with a queue full of one address's jobs."""

@@ -39,7 +39,7 @@ import torch
 from gradio import route_utils
 from gradio.queueing import Event, Queue
 from gradio.server_messages import ProcessCompletedMessage
-from gradio.utils import error_payload
+from gradio.utils import LRUCache, error_payload
 
 from ..model import Block
 from ..runtime import MAX_BATCH, in_shared_pass
@@ -308,6 +308,24 @@ class RetryHold:
             self._holding -= keys
 
 
+class SessionQueues(LRUCache):
+    """Gradio's store of each session's pending messages (at most `max_size` sessions), except that a full store
+    forgets the least recently used session that has no job waiting or running, not simply the oldest: a flood
+    of throwaway sessions (each call without a session makes one) must not take the queue from a visitor whose
+    job is waiting, which would stop Gradio's queue for everyone. The sessions with jobs are bounded by the
+    lanes' limits, far below `max_size`."""
+
+    def __init__(self, max_size: int, pending: dict):
+        super().__init__(max_size)
+        self.pending = pending  # session -> its waiting or running event ids (Gradio's own bookkeeping)
+
+    def __setitem__(self, key, value) -> None:
+        if key not in self and len(self) >= self.max_size:
+            idle = next((k for k in self if not self.pending.get(k)), None)
+            self.pop(idle if idle is not None else next(iter(self)))
+        super().__setitem__(key, value)
+
+
 class FairQueue(Queue):
     """Gradio's queue with the lanes and per-client bounds of the module doc applied on admission, and callers
     that left dropped before their job starts. Refusals reach the caller as the job's error, in one sentence."""
@@ -317,6 +335,8 @@ class FairQueue(Queue):
         self.policy = policy or Policy.from_env()
         self.lane_seconds = {CHEAP: 0.2, HEAVY: 2.0, PAGE: 0.1}  # mean run time, for the "try again" estimate
         self.stream_starts: dict[Client, deque] = defaultdict(deque)
+        self.pending_messages_per_session = SessionQueues(self.pending_messages_per_session.max_size,
+                                                          self.pending_event_ids_session)
         self.retry_hold = RetryHold()
         self.busy_s = 0.0  # the wait named in the last "busy" refusal
         self.dropped = 0
@@ -425,6 +445,13 @@ class FairQueue(Queue):
         content = error_payload(gr.Error(why, print_exception=False), True)
         self.send_message(event, ProcessCompletedMessage(output=content, title="Busy", success=False))
         return True, event._id, "success"
+
+    def send_message(self, event, event_message) -> None:
+        """Gradio's, for a session whose store was forgotten too (only a session with no job is): the message
+        goes to a new store rather than raising in the queue's own loop, which would stop it for everyone."""
+        if event.alive and event.session_hash not in self.pending_messages_per_session:
+            self.pending_messages_per_session[event.session_hash] = asyncio.Queue()
+        super().send_message(event, event_message)
 
     def get_events(self):
         self._drop_gone()
