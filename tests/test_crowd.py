@@ -271,6 +271,14 @@ def test_a_flood_of_new_sessions_never_takes_the_queue_of_a_waiting_job(app, mon
     assert call(url, "classify", [photo, 5, None], visitor(52))[0] == "complete"
 
 
+def test_the_state_of_at_most_the_policys_sessions_is_kept(app):
+    """Each session's gr.State values take memory (~0.25 MB here): Gradio keeps 10,000 sessions by default; the
+    page keeps the policy's number, the oldest going first."""
+    demo, _, _, _ = app
+    assert demo.state_session_capacity == fair.Policy.from_env().sessions == 2000
+    assert demo.state_holder.capacity == 2000
+
+
 def test_a_session_store_forgets_idle_sessions_first():
     pending = {"tab": {"event-1"}}
     store = fair.SessionQueues(3, pending)

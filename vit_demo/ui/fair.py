@@ -75,6 +75,7 @@ class Policy:
     stream_starts: int = 4  # live stream (re)starts per client per minute
     switches: int = 4  # loads of a model not already loaded, per client per minute
     gone_after_s: float = 5.0  # a job whose caller has not listened for this long is dropped before it runs
+    sessions: int = 2000  # sessions whose state (gr.State, ~0.25 MB each here) is kept: the oldest go first
 
     @classmethod
     def from_env(cls) -> Policy:

@@ -124,6 +124,7 @@ class Page(gr.Blocks):
         app_kwargs = dict(app_kwargs or {})
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(RequestLimits)]
         app_kwargs.setdefault("lifespan", cache_lifespan(self.GRADIO_CACHE, self._kept_files))
+        kwargs.setdefault("state_session_capacity", fair.Policy.from_env().sessions)
         fair.raise_open_files()
         fair.limit_log()
         with guarded_server() as self.connections:
