@@ -112,6 +112,21 @@ def fresh_png(seed: int, size: int = 64) -> bytes:
     return buf.getvalue()
 
 
+def hold_maps(demo, monkeypatch) -> tuple[threading.Event, list]:
+    """Makes the bundled model's maps wait until the returned event is set; the list counts the maps started."""
+    clf = demo.registry.get(BUNDLED_NAME)
+    release, started = threading.Event(), []
+    maps = clf.maps
+
+    def held(*args, **kwargs):
+        started.append(1)
+        release.wait(TIMEOUT)
+        return maps(*args, **kwargs)
+
+    monkeypatch.setattr(clf, "maps", held)
+    return release, started
+
+
 # --- requests -----------------------------------------------------------------------------------------------------
 
 def test_an_escaped_session_hash_key_is_still_bounded(app):
@@ -168,16 +183,7 @@ def test_a_job_whose_caller_never_listened_is_dropped_not_run(app, monkeypatch):
     busy; once they have waited `gone_after_s` with nobody listening they are dropped, and never run."""
     demo, url, _, _ = app
     queue = demo._queue
-    clf = demo.registry.get(BUNDLED_NAME)
-    release, started = threading.Event(), []
-    maps = clf.maps
-
-    def held(*args, **kwargs):
-        started.append(1)
-        release.wait(TIMEOUT)
-        return maps(*args, **kwargs)
-
-    monkeypatch.setattr(clf, "maps", held)
+    release, started = hold_maps(demo, monkeypatch)
     monkeypatch.setattr(queue, "policy", fair.Policy(heavy_limit=1, heavy_wait=4, gone_after_s=1.0))
     photo = photo_of(url, 4)
     dropped_before = queue.dropped
@@ -200,16 +206,7 @@ def test_heavy_requests_past_the_lane_are_refused_with_a_sentence(app, monkeypat
     try again in about T s", and a client past its share is told so; /classify still answers meanwhile."""
     demo, url, _, _ = app
     queue = demo._queue
-    clf = demo.registry.get(BUNDLED_NAME)
-    release, started = threading.Event(), []
-    maps = clf.maps
-
-    def held(*args, **kwargs):
-        started.append(1)
-        release.wait(TIMEOUT)
-        return maps(*args, **kwargs)
-
-    monkeypatch.setattr(clf, "maps", held)
+    release, started = hold_maps(demo, monkeypatch)
     monkeypatch.setattr(queue, "policy", fair.Policy(heavy_limit=1, heavy_wait=2))
     photo = photo_of(url, 3)
     pool = ThreadPoolExecutor(8)
@@ -245,16 +242,7 @@ def test_a_flood_of_new_sessions_never_takes_the_queue_of_a_waiting_job(app, mon
     waiting job is answered, the flood is answered, and the queue still serves."""
     demo, url, _, _ = app
     queue = demo._queue
-    clf = demo.registry.get(BUNDLED_NAME)
-    release, started = threading.Event(), []
-    maps = clf.maps
-
-    def held(*args, **kwargs):
-        started.append(1)
-        release.wait(TIMEOUT)
-        return maps(*args, **kwargs)
-
-    monkeypatch.setattr(clf, "maps", held)
+    release, started = hold_maps(demo, monkeypatch)
     monkeypatch.setattr(queue.pending_messages_per_session, "max_size", 30)
     photo = photo_of(url, 5)
     with ThreadPoolExecutor(8) as pool:
