@@ -266,8 +266,16 @@ LISTENERS = Listeners()
 RETRY_HOLD_S = 5.0  # the longest a heavy request of a client just told "busy" is held before it is looked at
 
 
-def busy(ahead: int, seconds: float) -> str:
-    return f"busy: {ahead} requests ahead, try again in about {max(1, round(seconds))} s."
+class Busy(str):
+    """The "busy" sentence, carrying the wait it names (for `RetryHold`)."""
+
+    seconds: float
+
+
+def busy(ahead: int, seconds: float) -> Busy:
+    why = Busy(f"busy: {ahead} requests ahead, try again in about {max(1, round(seconds))} s.")
+    why.seconds = seconds
+    return why
 
 
 class RetryHold:
@@ -339,7 +347,6 @@ class FairQueue(Queue):
         self.pending_messages_per_session = SessionQueues(self.pending_messages_per_session.max_size,
                                                           self.pending_event_ids_session)
         self.retry_hold = RetryHold()
-        self.busy_s = 0.0  # the wait named in the last "busy" refusal
         self.dropped = 0
         self._last_drop = 0.0
 
@@ -408,8 +415,7 @@ class FairQueue(Queue):
         limit = self.limit_of(name)
         if waiting >= room and (limit is None or running >= limit):
             ahead = waiting + running
-            self.busy_s = (ahead + 1) * self.lane_seconds[name] / max(1, limit or 1)
-            return busy(ahead, self.busy_s)
+            return busy(ahead, (ahead + 1) * self.lane_seconds[name] / max(1, limit or 1))
         return None
 
     async def push(self, body, request, username):
@@ -421,8 +427,8 @@ class FairQueue(Queue):
         if lane_of(fn) == HEAVY:
             await self.retry_hold.wait(client)
         why = self.refusal(fn, client)
-        if why is not None and why.startswith("busy:"):
-            self.retry_hold.told(client, self.busy_s)  # the "try again in about T s" it was just told
+        if isinstance(why, Busy):
+            self.retry_hold.told(client, why.seconds)  # the "try again in about T s" it was just told
         if why is None:
             if fn.connection == "stream":
                 self.stream_starts[client].append(time.monotonic())
