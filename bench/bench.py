@@ -2,6 +2,7 @@
 
     python bench/bench.py                 # everything this machine can run, then BENCHMARKS.md
     python bench/bench.py --model-only    # the model alone (no gradio needed: runs on a bare GPU machine)
+    python bench/bench.py --gpu           # the GPU alone, into a section of its own (the CPU section stays)
 
 All contenders get identical weights (a ViT-B/16 made by timm, converted to each library's names) and the
 same input; they run interleaved (A B C ... A B C ...), and medians and ratios are reported, since one
@@ -366,10 +367,12 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu}
 
 
-def write_markdown(results: dict, path: Path) -> None:
+def write_markdown(results: dict, path: Path, section: str = "bench") -> None:
     m, v = results["machine"], results["versions"]
+    gpu = section != "bench"
     lines = [
-        f"Written by `python bench/bench.py` on {results['date']}. Nothing here is typed by hand.",
+        *(["## On a GPU", ""] if gpu else []),
+        f"Written by `python bench/bench.py{' --gpu' if gpu else ''}` on {results['date']}. Nothing here is typed by hand.",
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads); GPU: {m['gpu'] or 'none'}",
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
@@ -416,8 +419,10 @@ def write_markdown(results: dict, path: Path) -> None:
             f"| peak resident memory of the server | {w['peak_rss_mb']:.0f} MB |",
             "",
         ]
-    lines += ["## Targets", ""] + [f"- {t}" for t in results.get("targets", [])]
-    write_section(path, "bench", "\n".join(lines))
+    lines += ["## Targets" + (" on the GPU" if gpu else ""), ""] + [f"- {t}" for t in results.get("targets", [])]
+    if gpu:  # one level down, under "On a GPU"
+        lines = [line.replace("## ", "### ", 1) if line.startswith("## ") and i else line for i, line in enumerate(lines)]
+    write_section(path, section, "\n".join(lines))
 
 
 def _verdict(ok: bool, how_far: str) -> str:
@@ -461,13 +466,14 @@ def targets(results: dict) -> list[str]:
         out.append(f"{r['clients']} concurrent clients on a GPU at least 4x one client's throughput: {ratio:.2f}x (serving runtime"
                    f" without the web server, which this GPU machine lacks), {_verdict(ratio >= 4, f'{4 - ratio:.2f}x')}.")
     if not b1 and not b256:
-        out.append("GPU targets: not measured, this machine has no GPU.")
+        out.append("GPU targets: not measured, this machine has no GPU" + (" (see \"On a GPU\" below)." if results.get("gpu_elsewhere") else "."))
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-only", action="store_true", help="skip the web path (no gradio needed)")
+    p.add_argument("--gpu", action="store_true", help="only the GPU measures, into their own section (needs CUDA)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--cpu-batch", type=int, default=32)
     p.add_argument("--requests", type=int, default=30)
@@ -475,6 +481,21 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = p.parse_args()
     results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "versions": versions(), "model": []}
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA GPU, and torch sees none here.")
+        for dtype in (torch.float32, torch.bfloat16):
+            for batch in (1, 256):
+                results["model"].append(bench_models("cuda", dtype, batch, args.repeats))
+                print(json.dumps(results["model"][-1], indent=1), flush=True)
+        results["runtime"] = [bench_runtime("cuda", args.clients, 50)]
+        print(json.dumps(results["runtime"][-1], indent=1), flush=True)
+        results["targets"] = targets(results)
+        write_markdown(results, args.out, "bench-gpu")
+        (args.out.parent / "BENCHMARKS-gpu.json").write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.out}")
+        return
+    results["gpu_elsewhere"] = "<!-- bench-gpu:start -->" in (args.out.read_text() if args.out.exists() else "")
     for batch in (1, args.cpu_batch):
         results["model"].append(bench_models("cpu", torch.float32, batch, args.repeats if batch == 1 else max(5, args.repeats // 4)))
         print(json.dumps(results["model"][-1], indent=1), flush=True)

@@ -11,6 +11,16 @@ from conftest import assert_close, lay_out_hub_cache, make_timm, make_torchvisio
 from vit_demo import ModelLoadError, load_classifier
 
 ATOL = 1e-4
+# On a GPU too, where there is one: float32 there, with TensorFloat-32 off (it rounds products to 10 bits).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def exact_float32():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 CASES = {
     "transformers-vit-small": lambda d: make_transformers(d, "small"),
@@ -35,15 +45,17 @@ def _compare(ref, clf, what, seed=0):
     x = torch.randn(2, ref.in_chans, ref.input_size, ref.input_size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = ref.forward(x)
-        actual = clf.model(x)
+        actual = clf.model(x.to(clf.device)).cpu()
     return assert_close(actual, expected, ATOL, what)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
-def test_logits_match_reference(case, tmp_path):
+def test_logits_match_reference(case, device, tmp_path, exact_float32):
     ref = CASES[case](tmp_path / "ckpt")
-    clf = load_classifier(ref.path, device="cpu")
-    _compare(ref, clf, case)
+    clf = load_classifier(ref.path, device=device, dtype=torch.float32)
+    assert next(clf.model.parameters()).dtype == torch.float32
+    _compare(ref, clf, f"{case} on {device}")
     assert len(clf.labels) == clf.config.num_classes
 
 

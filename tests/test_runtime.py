@@ -215,6 +215,42 @@ def test_cuda_runtime_batches_concurrent_callers():
         assert_close(got.softmax(-1), want, 1e-2, "batched vs alone (bfloat16 probabilities)")
 
 
+@cuda
+def test_cuda_graphs_per_shape_on_the_gpu():
+    """Two input shapes (the grid resampled for the second): one graph each, each replay equal to eager."""
+    clf = load_classifier(BUNDLED, device="cuda")
+    runtime = Runtime(clf.model, clf.device, clf.dtype)
+    square = clf.preprocessor(Image.open(FASHION[0]))
+    wide = torch.nn.functional.interpolate(square, size=(28, 36), mode="bilinear")
+    with torch.inference_mode():
+        for x in (square, wide, square, wide):
+            eager = clf.model(x.to("cuda", clf.dtype)).float().cpu()
+            assert_close(runtime(x), eager, 1e-3, f"graph vs eager, {tuple(x.shape)}")
+    assert sorted(runtime._graphs) == [(1, 1, 28, 28), (1, 1, 28, 36)], list(runtime._graphs)
+
+
+@cuda
+def test_a_real_failed_capture_falls_back_to_eager_and_the_gpu_still_works(caplog):
+    """A forward pass that reads a value back to the CPU cannot be captured: the runtime warns, answers eagerly,
+    and the GPU stream is usable afterwards."""
+    layer = torch.nn.Linear(4, 3).cuda().eval()
+
+    def forward(x):
+        y = layer(x.flatten(1)[:, :4])
+        return y * (1.0 if y.sum().item() < 1e9 else 0.0)  # .item() synchronises: not allowed while capturing
+
+    runtime = Runtime(forward, torch.device("cuda"), torch.float32)
+    x = torch.randn(1, 1, 2, 2)
+    with caplog.at_level("WARNING", logger="vit_demo.runtime"), torch.inference_mode():
+        got = runtime(x)
+        again = runtime(x)
+        expected = layer(x.cuda().flatten(1)).cpu()
+    assert any("CUDA graph capture failed" in r.getMessage() for r in caplog.records), caplog.text
+    assert runtime._graphs == {} and not runtime.cuda_graphs
+    assert_close(got, expected, 1e-5, "eager after the failed capture")
+    assert torch.equal(got, again)
+
+
 # --- inputs of different shapes, errors, CUDA graphs ----------------------------------------------------------
 
 

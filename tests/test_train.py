@@ -1,8 +1,10 @@
 """The bundled model: training runs end to end, and the shipped checkpoint is accurate and loads in transformers."""
 
+import json
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ import torch
 from conftest import ROOT, assert_close
 from vit_demo import load_classifier
 from vit_demo.registry import BUNDLED
-from vit_demo.train import CLASSES, DATA_DIR, load_split, normalize
+from vit_demo import VisionTransformer
+from vit_demo.train import CLASSES, DATA_DIR, TrainConfig, augment, forward_train, load_split, model_config, normalize, random_erase
 
 if not (DATA_DIR / "t10k-images-idx3-ubyte.gz").exists():
     pytest.fail(f"Fashion-MNIST is missing from {DATA_DIR}: apt-get install dataset-fashion-mnist", pytrace=False)
@@ -20,7 +23,7 @@ if not (DATA_DIR / "t10k-images-idx3-ubyte.gz").exists():
 def test_short_training_run_end_to_end(tmp_path):
     """`python -m vit_demo train` on 3,000 images: the loss falls, and the folder loads in vit_demo and transformers."""
     out = tmp_path / "fm"
-    cmd = [sys.executable, "-m", "vit_demo", "train", "--epochs", "3", "--subset", "3000", "--val-size", "1000",
+    cmd = [sys.executable, "-m", "vit_demo", "train", "--epochs", "3", "--teacher-epochs", "0", "--subset", "3000", "--val-size", "1000",
            "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--mlp-dim", "64", "--lr", "0.003", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -29,6 +32,65 @@ def test_short_training_run_end_to_end(tmp_path):
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"}
     clf = load_classifier(out, device="cpu")
     assert clf.labels == CLASSES and clf.config.in_chans == 1
+    assert "No teacher" in (out / "README.md").read_text()
+    ET.fromstring((out / "training_curve.svg").read_text())  # well-formed
+
+
+def test_teacher_alone_then_a_distilled_vit(tmp_path):
+    """--epochs 0 trains the CNN teacher alone and saves it; --teacher then distils a ViT from it, and the card
+    says so with the teacher's own accuracy."""
+    base = [sys.executable, "-m", "vit_demo", "train", "--subset", "1500", "--val-size", "500", "--embed-dim", "32", "--depth", "2",
+            "--num-heads", "2", "--mlp-dim", "64", "--batch-size", "128"]
+    teacher = tmp_path / "teacher.pt"
+    run = subprocess.run(base + ["--epochs", "0", "--teacher-epochs", "2", "--save-teacher", str(teacher)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.search(r"teacher test accuracy: 0\.\d+; saved to", run.stdout) and teacher.exists(), run.stdout[-500:]
+    out = tmp_path / "fm"
+    run = subprocess.run(base + ["--epochs", "1", "--teacher", str(teacher), "--out", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    card = (out / "README.md").read_text()
+    assert "CNN teacher" in card and "2 epochs" in card and "test" in card, card
+    history = json.loads((out / "training_history.json").read_text())
+    assert len(history["teacher"]["val_acc"]) == 2 and 0 <= history["teacher_test_acc"] <= 1
+    assert "--epochs 0 trains the teacher alone" in subprocess.run(base + ["--epochs", "0"], capture_output=True,
+                                                                   text=True, cwd=ROOT, timeout=120).stderr
+
+
+def test_training_forward_is_the_models_forward_without_drop_path():
+    """forward_train unrolls Block.forward to add stochastic depth: with none, it is the model's forward, exactly;
+    with it, the answer changes from draw to draw."""
+    torch.manual_seed(0)
+    model = VisionTransformer(model_config(TrainConfig(embed_dim=32, depth=3, num_heads=2, mlp_dim=64))).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(forward_train(model, x, 0.0), model(x))
+        first, second = forward_train(model, x, 0.5), forward_train(model, x, 0.5)
+    assert not torch.equal(first, model(x)) and not torch.equal(first, second)
+
+
+def test_random_erasing_covers_2_to_33_percent_with_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((400, 1, 28, 28), 7.0)
+    assert torch.equal(random_erase(x, 0.0, g), x)
+    erased = random_erase(x, 1.0, g) != 7.0  # noise is never exactly 7
+    share = erased.float().mean((1, 2, 3))
+    assert share.min() >= 0.01 and share.max() <= 0.36, (share.min(), share.max())  # 2-33%, rounded to whole pixels
+    for m in erased[:50, 0]:  # one rectangle: the rows and columns it touches make up all of it
+        rows, cols = m.any(1), m.any(0)
+        assert m.sum() == rows.sum() * cols.sum()
+    half = (random_erase(x, 0.5, g) != 7.0).flatten(1).any(1).float().mean()
+    assert 0.4 < half < 0.6, half
+
+
+def test_shifts_and_flips_keep_the_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    x[:, :, 10:18, 6:12] = 200  # an off-centre block: a shift of up to 2 px and a flip keep all of it
+    y = augment(x, g)
+    assert y.shape == x.shape and (y == 200).flatten(1).sum(1).eq(48).all()
+    assert len({tuple(m.nonzero()[0].tolist()) for m in y[:, 0]}) > 5, "no two images moved differently"
 
 
 @pytest.fixture(scope="module")
