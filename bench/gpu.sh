@@ -41,12 +41,12 @@ for spec in "bundled:" "mlp512:--mlp-dim 512" "noteacher:--teacher-epochs 0"; do
     teacher_arg="--teacher /tmp/vit-gpu/teacher.pt"
     [[ $name == noteacher ]] && teacher_arg=""
     # shellcheck disable=SC2086
-    python3 -m vit_demo train ${spec#*:} $teacher_arg --minutes "$minutes" --data-dir "$data" $extra \
+    OMP_NUM_THREADS=4 python3 -m vit_demo train ${spec#*:} $teacher_arg --minutes "$minutes" --data-dir "$data" $extra \
         --out "/tmp/vit-gpu/$name" >"$out/train-$name.log" 2>&1 &
     pids+=($!)
 done
 # shellcheck disable=SC2086
-timeout $(( $(left) > 90 ? $(left) - 30 : 60 )) python3 -m pytest -p no:cacheprovider -q -rs $tests >"$out/tests.log" 2>&1
+OMP_NUM_THREADS=8 timeout $(( $(left) > 90 ? $(left) - 30 : 60 )) python3 -m pytest -p no:cacheprovider -q -rs $tests >"$out/tests.log" 2>&1
 echo "tests exit $?"; tail -3 "$out/tests.log"
 for pid in "${pids[@]}"; do wait "$pid"; echo "train exit $?"; done
 grep -h "test accuracy" "$out"/train-*.log
