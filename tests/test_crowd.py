@@ -267,6 +267,43 @@ def test_the_state_of_at_most_the_policys_sessions_is_kept(app):
     assert demo.state_holder.capacity == 2000
 
 
+def test_a_new_session_copies_no_component_configs_and_deep_links_still_have_all(app, monkeypatch):
+    """Every call without a session makes a new one. Gradio copied the config of each of the page's components
+    into it, on the event loop (6.5 ms here, while no other request moved); the page's session state makes each
+    copy when it is first used. A /classify call copies only what it updates; the deep-link route, which reads
+    them all, gets the same configs as Gradio's own session state would give."""
+    import functools
+    import json
+
+    from gradio.blocks import BlocksConfig
+    from gradio.state_holder import SessionState
+
+    demo, url, _, _ = app
+    assert isinstance(demo.state_holder, fair.SessionStates)
+    made = []
+    original = BlocksConfig.config_for_block
+    monkeypatch.setattr(BlocksConfig, "config_for_block", staticmethod(lambda *a, **k: made.append(a[0]) or original(*a, **k)))
+    for n in range(50):
+        demo.state_holder[f"fresh-{n}"]
+    assert made == []
+    photo = photo_of(url, 7)
+    before = set(demo.state_holder.session_data)
+    assert call(url, "classify", [photo, 3, None], visitor(7))[0] == "complete"
+    (session,) = set(demo.state_holder.session_data) - before
+    assert 0 < len(made) <= 8, made  # the call's inputs and outputs
+    state = demo.state_holder[session]
+    ours = list(state.components)
+    made.clear()
+    reference = SessionState(demo)
+    for key, value in state.config_values.items():  # what the call changed, as Gradio records it
+        if key in reference.config_values:
+            reference.config_values[key] = value
+    dump = functools.partial(json.dumps, sort_keys=True, default=repr)
+    assert len(ours) == len(demo.blocks) and sorted(map(dump, ours)) == sorted(map(dump, reference.components))
+    link = httpx.get(f"{url}gradio_api/deep_link", params={"session_hash": session}, headers=visitor(7))
+    assert link.status_code == 200 and link.json()
+
+
 def test_a_session_store_forgets_idle_sessions_first():
     pending = {"tab": {"event-1"}}
     store = fair.SessionQueues(3, pending)

@@ -33,12 +33,14 @@ import time
 import traceback
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import gradio as gr
 import torch
 from gradio import route_utils
 from gradio.queueing import Event, Queue
 from gradio.server_messages import ProcessCompletedMessage
+from gradio.state_holder import SessionState, StateHolder
 from gradio.utils import LRUCache, error_payload
 
 from ..model import Block
@@ -333,6 +335,55 @@ class SessionQueues(LRUCache):
             idle = next((k for k in self if not self.pending.get(k)), None)
             self.pop(idle if idle is not None else next(iter(self)))
         super().__setitem__(key, value)
+
+
+class _Configs(dict):
+    """A session's copy of each component's config, made when a component's is first asked for."""
+
+    def __init__(self, blocks_config, ids: list[int]):
+        super().__init__()
+        self.blocks_config, self.ids = blocks_config, ids
+
+    def __missing__(self, key: int) -> dict:
+        value = self[key] = self.blocks_config.config_for_block(key, [], self.blocks_config.blocks[key])
+        return value
+
+    def fill(self) -> None:
+        for key in self.ids:
+            self[key]  # noqa: B018 - made by __missing__
+
+
+class LazySessionState(SessionState):
+    """Gradio's state of one session, except that its copy of every component's config is made per component
+    when first used (a request updates those of its inputs and outputs; only the deep-link route reads them
+    all) instead of for all of the page's components whenever a session is new. Every call made without a
+    session is a new one, and that copy ran on the server's event loop: 6.5 ms for this page's 129 components,
+    during which no other request moved."""
+
+    def __init__(self, blocks: gr.Blocks):
+        super().__init__(SimpleNamespace(default_config=blocks.default_config, blocks={}))  # no copies yet
+        self.config_values = _Configs(self.blocks_config, [k for k in self.blocks_config.blocks if k in blocks.blocks])
+
+    @property
+    def components(self):
+        self.config_values.fill()
+        return SessionState.components.fget(self)
+
+
+class SessionStates(StateHolder):
+    """Gradio's store of session states, whose new sessions are LazySessionStates."""
+
+    def __getitem__(self, session_id: str) -> SessionState:
+        if session_id not in self.session_data:
+            self.session_data[session_id] = LazySessionState(self.blocks)
+        return super().__getitem__(session_id)
+
+    @classmethod
+    def adopt(cls, holder: StateHolder) -> StateHolder:
+        """Makes Gradio's own store (made by its app, before any session) one of these."""
+        if type(holder) is StateHolder and not holder.session_data:
+            holder.__class__ = cls
+        return holder
 
 
 class FairQueue(Queue):

@@ -130,6 +130,18 @@ class Page(gr.Blocks):
         with guarded_server() as self.connections:
             return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
 
+    @property
+    def state_holder(self):
+        try:
+            return self.__dict__["state_holder"]
+        except KeyError:
+            raise AttributeError("state_holder") from None
+
+    @state_holder.setter
+    def state_holder(self, holder) -> None:
+        """Gradio's app hands the page its store of session states here: new sessions then cost little."""
+        self.__dict__["state_holder"] = fair.SessionStates.adopt(holder)
+
     def queue(self, *args, **kwargs):
         super().queue(*args, **kwargs)
         fair.FairQueue.replace(self)
