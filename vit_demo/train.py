@@ -445,7 +445,7 @@ def model_card(tc: TrainConfig, result: dict, test_acc: float, command: str, tea
         t_params = sum(p.numel() for p in teacher["model"].parameters())
         distill = (
             f"\n- Distillation (Touvron et al. 2021, hard labels): half of each image's loss is against the label, half\n"
-            f"  against the answer of a CNN teacher trained first in the same run on the same images ({t_params:,} parameters,\n"
+            f"  against the answer of a CNN teacher trained first on the same training images ({t_params:,} parameters,\n"
             f"  {teacher['epochs']} epochs, validation {100 * teacher['val_acc'][-1]:.2f}%"
             + (f", test {100 * teacher_test_acc:.2f}%" if teacher_test_acc is not None else "")
             + "). The ViT learns it through its class token: DeiT's\n"
