@@ -476,30 +476,55 @@ def test_sixteen_raw_live_streams_of_large_frames_leave_classify_served(app):
     assert p95(loaded) <= 3 * p95(idle) + 0.3, (p95(loaded), p95(idle))
 
 
+LOOPERS = """
+import json, os, sys, threading
+sys.path.insert(0, sys.argv[1])
+from conftest import raw_call
+url, photo, models = sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+os.nice(10)
+stop, lock, outcomes = threading.Event(), threading.Lock(), []
+
+def loop(k):
+    i = k
+    while not stop.is_set():
+        event, out = raw_call(url, "classify", [photo, 5, models[i % len(models)]], {"X-Forwarded-For": f"10.0.1.{k + 1}"})
+        with lock:
+            outcomes.append((event, str(out)[:200]))
+        i += 1
+
+threads = [threading.Thread(target=loop, args=(k,)) for k in range(4)]
+for t in threads:
+    t.start()
+print("running", flush=True)
+sys.stdin.readline()
+stop.set()
+for t in threads:
+    t.join()
+print(json.dumps(outcomes), flush=True)
+"""
+
+
 def four_clients(url: str, photo: dict, models: list[str], me: dict) -> tuple[list, int, list]:
     """4 clients loop /classify, each going through `models` in turn, while `me` classifies 40 times:
-    (my latencies, my failures, the 4 clients' outcomes)."""
-    stop, lock, outcomes = threading.Event(), threading.Lock(), []
+    (my latencies, my failures, the 4 clients' outcomes). The 4 run in a process of their own at a lower CPU
+    priority (nice 10), as their own work would be done on their machines (bench/crowd.py does the same)."""
+    import json
+    import subprocess
+    import sys
 
-    def loop(k: int):
-        i = k
-        while not stop.is_set():
-            event, out = call(url, "classify", [photo, 5, models[i % len(models)]], visitor(400 + k))
-            with lock:
-                outcomes.append((event, str(out)[:200]))
-            i += 1
-
-    threads = [threading.Thread(target=loop, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
+    loopers = subprocess.Popen([sys.executable, "-c", LOOPERS, str(Path(__file__).parent), url, json.dumps(photo),
+                                json.dumps(models)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert loopers.stdout.readline().strip() == "running"
         time.sleep(1)
         mine, failed = classify_times(url, photo, 40, me)
+        loopers.stdin.write("stop\n")
+        loopers.stdin.flush()
+        outcomes = json.loads(loopers.stdout.readline())
     finally:
-        stop.set()
-        for t in threads:
-            t.join(TIMEOUT)
-    return mine, failed, outcomes
+        loopers.kill()
+        loopers.wait()
+    return mine, failed, [tuple(o) for o in outcomes]
 
 
 def test_four_clients_cycling_models_neither_evict_nor_starve_a_visitor(app, registry):
@@ -525,7 +550,7 @@ def test_four_clients_cycling_models_neither_evict_nor_starve_a_visitor(app, reg
     assert failed == failed_one == 0 and answered > 0
     assert all(e == "complete" or (e == "error" and "switched models" in m) for e, m in outcomes), outcomes[:5]
     assert p95(cycling) <= 2 * p95(one_model) + 0.1, (p95(cycling), p95(one_model))
-    assert p95(cycling) <= 3 * p95(idle) + 0.3, (p95(cycling), p95(idle))
+    assert p95(cycling) <= 3 * p95(idle), (p95(cycling), p95(idle))
 
 
 # --- connections --------------------------------------------------------------------------------------------------

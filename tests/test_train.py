@@ -56,6 +56,11 @@ def test_teacher_alone_then_a_distilled_vit(tmp_path):
     assert len(history["teacher"]["val_acc"]) == 2 and 0 <= history["teacher_test_acc"] <= 1
     assert "--epochs 0 trains the teacher alone" in subprocess.run(base + ["--epochs", "0"], capture_output=True,
                                                                    text=True, cwd=ROOT, timeout=120).stderr
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    for bad in (garbage, tmp_path / "missing.pt"):
+        run = subprocess.run(base + ["--epochs", "1", "--teacher", str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert run.returncode != 0 and "is not a teacher saved by --save-teacher" in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_training_forward_is_the_models_forward_without_drop_path():

@@ -538,7 +538,14 @@ def main(argv: list[str] | None = None) -> None:
         save_teacher(args.save_teacher, teacher)
         print(f"teacher test accuracy: {evaluate(teacher['model'], test_x, test_y, device):.4f}; saved to {args.save_teacher}")
         return
-    result = train(tc, args.data_dir, args.device, teacher=load_teacher(args.teacher) if args.teacher else None)
+    teacher = None
+    if args.teacher:
+        try:
+            teacher = load_teacher(args.teacher)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same sentence
+            raise SystemExit(f"{args.teacher} is not a teacher saved by --save-teacher ({type(e).__name__}): "
+                             "train one with --epochs 0 --save-teacher FILE, or leave --teacher out.") from None
+    result = train(tc, args.data_dir, args.device, teacher=teacher)
     if args.save_teacher and result["teacher"]:
         save_teacher(args.save_teacher, result["teacher"])
     test_acc = evaluate(result["model"], test_x, test_y, "cpu")
