@@ -14,7 +14,7 @@ from conftest import ROOT, assert_close
 from vit_demo import load_classifier
 from vit_demo.registry import BUNDLED
 from vit_demo import VisionTransformer
-from vit_demo.train import CLASSES, DATA_DIR, TrainConfig, augment, forward_train, load_split, model_config, normalize, random_erase
+from vit_demo.train import CLASSES, DATA_DIR, TrainConfig, augment, check, forward_train, load_split, model_config, normalize, random_erase
 
 if not (DATA_DIR / "t10k-images-idx3-ubyte.gz").exists():
     pytest.fail(f"Fashion-MNIST is missing from {DATA_DIR}: apt-get install dataset-fashion-mnist", pytrace=False)
@@ -61,6 +61,22 @@ def test_teacher_alone_then_a_distilled_vit(tmp_path):
     for bad in (garbage, tmp_path / "missing.pt"):
         run = subprocess.run(base + ["--epochs", "1", "--teacher", str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert run.returncode != 0 and "is not a teacher saved by --save-teacher" in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"batch_size": 0}, "--batch-size must be at least 1"), ({"minutes": -1.0}, "--minutes must be a non-negative"),
+    ({"random_erasing": 2.0}, "--random-erasing must be from 0 to 1"), ({"lr": float("nan")}, "--lr must be a positive"),
+    ({"lr": 0.0}, "--lr must be a positive"), ({"embed_dim": 30}, "multiple of --num-heads"),
+    ({"patch_size": 5}, "--patch-size must divide"), ({"val_size": 60_000}, "--val-size must leave"),
+    ({"drop_path": 1.0}, "--drop-path must be from 0 to 0.99"), ({"teacher_epochs": -1}, "--teacher-epochs must be at least 0"),
+])
+def test_settings_that_cannot_train_are_refused_in_a_sentence(bad, words):
+    assert check(TrainConfig()) is None
+    why = check(TrainConfig(**bad))
+    assert why and words in why and why.endswith("."), why
+    run = subprocess.run([sys.executable, "-m", "vit_demo", "train", f"--{next(iter(bad)).replace('_', '-')}",
+                          str(next(iter(bad.values())))], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 2 and words in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
 def test_training_forward_is_the_models_forward_without_drop_path():

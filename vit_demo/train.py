@@ -508,6 +508,30 @@ Labels: {", ".join(f"{i} {c}" for i, c in enumerate(CLASSES))}.
 """
 
 
+def check(tc: TrainConfig) -> str | None:
+    """Why `tc` cannot be trained, in one sentence; None if it can."""
+    whole = {"epochs": 0, "teacher_epochs": 0, "batch_size": 1, "val_size": 1, "subset": 0, "embed_dim": 1, "depth": 1,
+             "num_heads": 1, "mlp_dim": 1, "patch_size": 1}
+    for name, low in whole.items():
+        if getattr(tc, name) < low:
+            return f"--{name.replace('_', '-')} must be at least {low}, not {getattr(tc, name)}."
+    shares = {"random_erasing": (0, 1), "label_smoothing": (0, 0.99), "drop_path": (0, 0.99)}
+    for name, (low, high) in shares.items():
+        if not low <= getattr(tc, name) <= high:
+            return f"--{name.replace('_', '-')} must be from {low} to {high}, not {getattr(tc, name)}."
+    for name in ("lr", "weight_decay", "warmup_epochs", "minutes"):
+        value = getattr(tc, name)
+        if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
+            return f"--{name.replace('_', '-')} must be a {'positive' if name == 'lr' else 'non-negative'} number, not {value}."
+    if tc.embed_dim % tc.num_heads:
+        return f"--embed-dim ({tc.embed_dim}) must be a multiple of --num-heads ({tc.num_heads})."
+    if 28 % tc.patch_size:
+        return f"--patch-size must divide the 28-pixel side (1, 2, 4, 7, 14 or 28), not {tc.patch_size}."
+    if tc.val_size >= 60_000:
+        return f"--val-size must leave training images out of the 60,000, not {tc.val_size}."
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     installed = Path(__import__("sys").argv[0]).stem == "vit-demo"  # the installed script, not python -m vit_demo
     p = argparse.ArgumentParser(prog="vit-demo train" if installed else "python -m vit_demo train", description=__doc__.splitlines()[0], epilog=EXAMPLES,
@@ -527,6 +551,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload the folder to this Hub repo")
     args = p.parse_args(argv)
     tc = TrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    why = check(tc)
+    if why:
+        p.error(why)
     if not (args.data_dir / "train-images-idx3-ubyte.gz").exists():
         raise SystemExit(f"Fashion-MNIST was not found in {args.data_dir}: install Debian's dataset-fashion-mnist or pass --data-dir.")
     test_x, test_y = load_split(args.data_dir, "t10k")
