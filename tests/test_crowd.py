@@ -270,8 +270,8 @@ def test_the_state_of_at_most_the_policys_sessions_is_kept(app):
 def test_a_new_session_copies_no_component_configs_and_deep_links_still_have_all(app, monkeypatch):
     """Every call without a session makes a new one. Gradio copied the config of each of the page's components
     into it, on the event loop (6.5 ms here, while no other request moved); the page's session state makes each
-    copy when it is first used. A /classify call copies only what it updates; the deep-link route, which reads
-    them all, gets the same configs as Gradio's own session state would give."""
+    copy when it is first used. A /classify call copies only what it updates; all of them together (what the
+    deep-link route would read) are the same configs as Gradio's own session state would give."""
     import functools
     import json
 
@@ -300,8 +300,20 @@ def test_a_new_session_copies_no_component_configs_and_deep_links_still_have_all
             reference.config_values[key] = value
     dump = functools.partial(json.dumps, sort_keys=True, default=repr)
     assert len(ours) == len(demo.blocks) and sorted(map(dump, ours)) == sorted(map(dump, reference.components))
-    link = httpx.get(f"{url}gradio_api/deep_link", params={"session_hash": session}, headers=visitor(7))
-    assert link.status_code == 200 and link.json()
+
+
+def test_the_deep_link_route_is_closed(app):
+    """Gradio's deep-link route writes a copy of a session's page to the upload folder on every call, for any
+    session: the page offers no deep links, so the route answers 404 in a sentence and writes nothing."""
+    demo, url, cache, _ = app
+    photo = photo_of(url, 8)
+    before = set(demo.state_holder.session_data)
+    assert call(url, "classify", [photo, 3, None], visitor(8))[0] == "complete"
+    (session,) = set(demo.state_holder.session_data) - before
+    for params in ({"session_hash": session}, {}):
+        r = httpx.get(f"{url}gradio_api/deep_link", params=params, headers=visitor(8))
+        assert r.status_code == 404 and "no deep links" in r.text, (r.status_code, r.text)
+    assert not (cache / "deep_links").exists()
 
 
 def test_a_session_store_forgets_idle_sessions_first():

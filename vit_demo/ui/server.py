@@ -7,8 +7,9 @@ An upload is read whole into a spool of its own before Gradio sees it: a body cu
 part that is not a JPEG, PNG, WebP, BMP, GIF or TIFF is refused at the door (415) and not kept, and the upload
 cache has a total cap and a share per client (`UploadLedger`: the client's oldest files go first; 429 or 507
 past them). Upload ids must be short, and Gradio's progress state for each is freed soon after its upload.
-Heartbeat connections (one per open page) are bounded per client and in all. It also tells `fair.LISTENERS`
-which sessions are listening for their answers.
+Heartbeat connections (one per open page) are bounded per client and in all. Gradio's deep-link route, which
+writes a copy of a session's page to the disk on every call, is closed: the page offers no deep links. It also
+tells `fair.LISTENERS` which sessions are listening for their answers.
 
 `guarded_server` makes uvicorn's connections bounded: a time limit for a request head and for an upload body
 that makes no progress, and a cap on open connections (at the cap, the oldest connection still sending its head
@@ -82,6 +83,8 @@ class RequestLimits:
         if len(query) > QUERY_BYTES:
             return await _reply(send, 414, "The request's address is too long.")
         path = scope.get("path", "").rstrip("/")
+        if path.endswith("/deep_link"):  # the page offers no deep links; Gradio's route writes a file per call
+            return await _reply(send, 404, "This app has no deep links: share the page's address instead.")
         params = {k: v[0] for k, v in parse_qs(query.decode("latin-1")).items()}
         if len(params.get("session_hash", "")) > SESSION_HASH_CHARS:
             return await _reply(send, 400, f"The session_hash must be at most {SESSION_HASH_CHARS} characters.")
