@@ -59,7 +59,8 @@ def test_teacher_alone_then_a_distilled_vit(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     for bad in (garbage, tmp_path / "missing.pt"):
-        run = subprocess.run(base + ["--epochs", "1", "--teacher", str(bad)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        run = subprocess.run(base + ["--epochs", "1", "--teacher", str(bad), "--out", str(tmp_path / "bad")],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert run.returncode != 0 and "is not a teacher saved by --save-teacher" in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 

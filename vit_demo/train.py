@@ -554,6 +554,19 @@ def main(argv: list[str] | None = None) -> None:
     why = check(tc)
     if why:
         p.error(why)
+    if args.device is not None:
+        try:
+            torch.empty(1, device=args.device)
+        except (RuntimeError, ValueError) as e:
+            p.error(f"--device {args.device} cannot be used here ({str(e).splitlines()[0][:80]}): leave it out for the best available.")
+    for path in (args.out if tc.epochs else None, args.save_teacher):
+        if path is None:
+            continue
+        target = path if path == args.out else path.parent
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"{target} cannot be written to ({e.strerror}): give another path.")
     if not (args.data_dir / "train-images-idx3-ubyte.gz").exists():
         raise SystemExit(f"Fashion-MNIST was not found in {args.data_dir}: install Debian's dataset-fashion-mnist or pass --data-dir.")
     test_x, test_y = load_split(args.data_dir, "t10k")

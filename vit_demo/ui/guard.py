@@ -45,6 +45,7 @@ from PIL import Image
 
 from .. import decode
 from ..decode import MAX_MEGAPIXELS
+from . import server
 from .checks import log_refusal, refusal, short
 from .common import DAMAGED
 
@@ -148,16 +149,22 @@ def save_data_url(url: str, cache_dir: str) -> str:
 
 
 def _save(data: bytes, cache_dir: str) -> str:
-    """`data` written to `cache_dir/<content hash>/image`, once."""
+    """`data` written to `cache_dir/<content hash>/image`, once, within the client's share of the upload cache
+    (`server.save_for_client`: an inline image costs the disk what an upload does)."""
     folder = Path(cache_dir) / hash_bytes(data)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "image"
-    if not path.exists():
+    if path.exists():
+        return str(path)
+
+    def write() -> str:
+        folder.mkdir(parents=True, exist_ok=True)
         fd, staging = tempfile.mkstemp(dir=folder, prefix=".image.")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(staging, path)
-    return str(path)
+        return str(path)
+
+    return server.save_for_client(len(data), write)
 
 
 def _public(ip: str) -> bool:

@@ -73,6 +73,8 @@ class RequestLimits:
     def __init__(self, app, upload_bytes: int = UPLOAD_BYTES, body_bytes: int = BODY_BYTES):
         self.app, self.upload_bytes, self.body_bytes = app, upload_bytes, body_bytes
         self.ledger = UploadLedger.from_env()
+        global RUNNING_LEDGER
+        RUNNING_LEDGER = self.ledger
         self.upload_ids = UploadIds()
         self.heartbeats = Heartbeats.from_env()
 
@@ -316,6 +318,27 @@ class UploadLedger:
                 del self._files[client]
 
 
+# The running app's ledger (made by its RequestLimits): the files the app writes itself on a client's behalf,
+# inline `data:` images and fetched ones, count against the same caps as that client's uploads.
+RUNNING_LEDGER: UploadLedger | None = None
+
+
+def save_for_client(size: int, write) -> str:
+    """Runs `write()` (which saves a file of `size` bytes and returns its path) within the current client's share
+    of the upload cache and the cache's total, as an upload would be; past them, a refusal in one sentence."""
+    ledger = RUNNING_LEDGER
+    if ledger is None:  # the Python API, or an app launched without the page's limits
+        return write()
+    client = fair.current_client.get()
+    address = client.address if client is not None else "?"
+    refused = ledger.make_room(address, size)
+    if refused:
+        raise checks.refusal(refused[1])
+    path = write()
+    ledger.add(address, [path])
+    return path
+
+
 class UploadIds:
     """Gradio keeps progress state for every upload id it sees and frees it only when a progress stream reads it
     to the end; this frees it UPLOAD_ID_SECONDS after the last request that used the id."""
@@ -426,8 +449,8 @@ def _session_hash_ok(body: bytes) -> bool:
     is short enough."""
     try:
         value = json.loads(body)
-    except ValueError:
-        return True  # not JSON: Gradio refuses it itself
+    except (ValueError, RecursionError):
+        return True  # not JSON (or nested past Python's limit): Gradio refuses it itself
     value = value.get("session_hash") if isinstance(value, dict) else None
     return not isinstance(value, str) or len(value) <= SESSION_HASH_CHARS
 
