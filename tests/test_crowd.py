@@ -302,6 +302,23 @@ def test_a_new_session_copies_no_component_configs_and_deep_links_still_have_all
     assert len(ours) == len(demo.blocks) and sorted(map(dump, ours)) == sorted(map(dump, reference.components))
 
 
+def test_gradios_monitoring_statistics_are_rebuilt_at_most_every_ten_seconds(app, monkeypatch):
+    """Gradio rebuilt its per-function statistics (a pandas table of up to 10,000 events) after every event: a
+    quarter of the server's time under a crowd. The queue rebuilds them at most every ANALYTICS_EVERY_S."""
+    demo, url, _, _ = app
+    queue = demo._queue
+    built = []
+    original = queue._get_df
+    monkeypatch.setattr(queue, "_get_df", lambda records: built.append(len(records)) or original(records))
+    monkeypatch.setattr(queue, "_analytics_at", float("-inf"))
+    photo = photo_of(url, 9)
+    for _ in range(5):
+        assert call(url, "classify", [photo, 3, None], visitor(9))[0] == "complete"
+    wait_until(lambda: built, TIMEOUT)
+    assert len(built) == 1, built
+    assert queue.cached_event_analytics_summary["functions"], "the statistics are still there"
+
+
 def test_the_deep_link_route_is_closed(app):
     """Gradio's deep-link route writes a copy of a session's page to the upload folder on every call, for any
     session: the page offers no deep links, so the route answers 404 in a sentence and writes nothing."""
