@@ -138,6 +138,14 @@ def test_an_escaped_session_hash_key_is_still_bounded(app):
         assert r.status_code == 400 and "session_hash" in r.text, (key, r.status_code, r.text[:200])
 
 
+def test_an_event_that_does_not_exist_is_refused_in_a_sentence(app):
+    _, url, _, _ = app
+    for fn_index in (999, -1, 10**6):
+        r = httpx.post(f"{url}gradio_api/queue/join", json={"data": [], "fn_index": fn_index, "session_hash": "abc"},
+                       headers=visitor(3))
+        assert r.status_code == 400 and fair.NO_SUCH_EVENT in r.text, (fn_index, r.status_code, r.text[:200])
+
+
 # --- the queue ----------------------------------------------------------------------------------------------------
 
 def test_a_heavy_flood_neither_locks_out_nor_slows_classify(app):

@@ -97,6 +97,7 @@ def heavy_threads(policy: Policy | None = None) -> int:
     return max(1, (os.cpu_count() or 1) // 2 // policy.heavy_limit)
 
 
+NO_SUCH_EVENT = "There is no such event: use the page, or the events its API page lists."
 ANALYTICS_EVERY_S = 10.0  # Gradio's monitoring statistics are rebuilt at most this often
 PAUSE_S = 0.25  # the longest a heavy job waits at one block boundary for cheap work to finish
 
@@ -478,6 +479,8 @@ class FairQueue(Queue):
     async def push(self, body, request, username):
         try:
             fn = route_utils.get_fn(self.blocks, None, body)
+        except (KeyError, IndexError, TypeError):  # Gradio's own push would fail the same way, as a bare 500
+            return False, NO_SUCH_EVENT, "error"
         except Exception:  # Gradio says what is wrong with the request itself
             return await super().push(body, request, username)
         client = Client(body.session_hash or "", address(request.scope))
