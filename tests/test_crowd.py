@@ -280,6 +280,7 @@ def test_a_new_session_copies_no_component_configs_and_deep_links_still_have_all
     into it, on the event loop (6.5 ms here, while no other request moved); the page's session state makes each
     copy when it is first used. A /classify call copies only what it updates; all of them together (what the
     deep-link route would read) are the same configs as Gradio's own session state would give."""
+    import base64
     import functools
     import json
 
@@ -300,6 +301,13 @@ def test_a_new_session_copies_no_component_configs_and_deep_links_still_have_all
     (session,) = set(demo.state_holder.session_data) - before
     assert len(made) <= 8, made  # at most the call's inputs and outputs
     state = demo.state_holder[session]
+    inline = {"url": "data:image/jpeg;base64," + base64.b64encode(Path(CHELSEA).read_bytes()).decode(),
+              "meta": {"_type": "gradio.FileData"}}
+    before = set(demo.state_holder.session_data)
+    assert call(url, "classify", [inline, 3, None], visitor(7))[0] == "complete"
+    (inline_session,) = set(demo.state_holder.session_data) - before
+    kept = json.dumps(dict(demo.state_holder[inline_session].config_values), default=repr)
+    assert "data:image" not in kept, "the session kept a copy of the inline image"
     ours = list(state.components)
     made.clear()
     reference = SessionState(demo)
