@@ -470,6 +470,14 @@ def targets(results: dict) -> list[str]:
     return out
 
 
+def gpu_models(results: dict, repeats: int) -> None:
+    """The model alone on the GPU: float32 and bfloat16, batch 1 and 256, into results["model"]."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for batch in (1, 256):
+            results["model"].append(bench_models("cuda", dtype, batch, repeats))
+            print(json.dumps(results["model"][-1], indent=1), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-only", action="store_true", help="skip the web path (no gradio needed)")
@@ -484,10 +492,7 @@ def main() -> None:
     if args.gpu:
         if not torch.cuda.is_available():
             raise SystemExit("--gpu needs a CUDA GPU, and torch sees none here.")
-        for dtype in (torch.float32, torch.bfloat16):
-            for batch in (1, 256):
-                results["model"].append(bench_models("cuda", dtype, batch, args.repeats))
-                print(json.dumps(results["model"][-1], indent=1), flush=True)
+        gpu_models(results, args.repeats)
         results["runtime"] = [bench_runtime("cuda", args.clients, 50)]
         print(json.dumps(results["runtime"][-1], indent=1), flush=True)
         results["targets"] = targets(results)
@@ -500,10 +505,7 @@ def main() -> None:
         results["model"].append(bench_models("cpu", torch.float32, batch, args.repeats if batch == 1 else max(5, args.repeats // 4)))
         print(json.dumps(results["model"][-1], indent=1), flush=True)
     if torch.cuda.is_available():
-        for dtype in (torch.float32, torch.bfloat16):
-            for batch in (1, 256):
-                results["model"].append(bench_models("cuda", dtype, batch, args.repeats))
-                print(json.dumps(results["model"][-1], indent=1), flush=True)
+        gpu_models(results, args.repeats)
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         results.setdefault("runtime", []).append(bench_runtime(device, args.clients, 2 if device == "cpu" else 50))
         print(json.dumps(results["runtime"][-1], indent=1), flush=True)
